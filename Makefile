@@ -1,0 +1,37 @@
+# tread_scale: every target installs what it needs (a venv from pinned versions) before using it.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+S3RVER := .cache/s3rver/node_modules/.bin/s3rver
+
+.PHONY: demo test venv s3rver bench clean
+
+# Run the demo end to end: embedded S3 server, demo dataset as MDS, TREAD training on CPU, samples.
+demo: $(STAMP)
+	$(PY) -m tread_scale.devtools.demo
+
+# Run the test suite (starts its own s3rver on 127.0.0.1).
+test: $(STAMP) $(S3RVER)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "tread_scale needs Python 3.11, found " + sys.version'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test]'
+	touch $(STAMP)
+
+# s3rver (npm): a keep-alive, signature-checking S3 server that the tests run on 127.0.0.1.
+s3rver: $(S3RVER)
+
+$(S3RVER):
+	mkdir -p .cache/s3rver
+	cd .cache/s3rver && npm install --no-audit --no-fund --silent --no-save s3rver@3.7.1
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_step.py --model B/2
+
+clean:
+	rm -rf $(VENV) .cache runs
