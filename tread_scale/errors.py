@@ -1,0 +1,29 @@
+"""Typed exceptions. Each carries enough context to name the key, file, shard or shape at fault."""
+
+
+class TreadScaleError(Exception):
+    """Base class of every error tread_scale raises on purpose."""
+
+
+class ConfigError(TreadScaleError, ValueError):
+    """A configuration value is unknown, missing, ill-typed or out of range."""
+
+
+class RouteError(ConfigError):
+    """A TREAD route is malformed or does not fit the model."""
+
+
+class DatasetError(TreadScaleError):
+    """Input data cannot be read or converted."""
+
+
+class DatasetMismatchError(DatasetError):
+    """The dataset's stored facts (shape, dtype, classes) disagree with the model config."""
+
+
+class ObjectStoreError(TreadScaleError):
+    """Object storage is unreachable, misconfigured or lacks credentials."""
+
+
+class CheckpointError(TreadScaleError):
+    """A checkpoint or weight file is missing, malformed or unsafe to load."""
