@@ -1,0 +1,105 @@
+from pathlib import Path
+
+import pytest
+
+from tread_scale.config import RunConfig, config_from_dict, dump_config, load_config
+from tread_scale.config_schema import apply_override, parse_override
+from tread_scale.errors import ConfigError, RouteError
+
+from tests.conftest import REPO, tiny_run_cfg
+
+
+def test_unknown_key_names_it_and_the_nearest_valid_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'optimizer.learning_rate'.*did you mean 'optimizer.lr'"):
+        config_from_dict(tiny_run_cfg("/d", tmp_path, optimizer={"learning_rate": 1.0}))
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian'; did you mean 'train'"):
+        config_from_dict({**tiny_run_cfg("/d", tmp_path), "trian": {}})
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.global_batch_size=abc", r"train.global_batch_size: expected an integer, got 'abc'"),
+    ("train.global_batch_size=true", r"train.global_batch_size: expected an integer, got True"),
+    ("objective.kind=ddpm", r"objective.kind: 'ddpm' is not one of 'edm', 'rf'"),
+    ("optimizer.betas=[0.9]", r"optimizer.betas: expected 2 values"),
+    ("ema.decay=1.5", r"ema.decay must be in \(0, 1\)"),
+    ("model.name=DiT-B/2", r"model.depth=4 contradicts model.name=DiT-B/2"),
+    ("routing.routes[0].end=9", r"routing.routes\[0\] \(rate=0.5, start=1, end=9\): end=9 is outside a model of depth 4"),
+    ("routing.routes[1]={rate: 0.5, start: 2, end: 3}", r"routing.routes\[1\].*sorted and non-overlapping"),
+    ("data.remote=", r"data.remote must be set"),
+])
+def test_bad_values_name_the_key(tmp_path, override, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(config_from_dict(tiny_run_cfg("/data", tmp_path))))
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, [override])
+
+
+def test_route_errors_are_config_errors(tmp_path):
+    with pytest.raises(RouteError):
+        config_from_dict(tiny_run_cfg("/d", tmp_path, routing={"routes": [{"rate": 1.0, "start": 0, "end": 1}]}))
+
+
+def test_overrides_are_typed_and_reach_lists(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(config_from_dict(tiny_run_cfg("/data", tmp_path))))
+    cfg = load_config(path, ["routing.routes[0].rate=0.25", "optimizer.betas=[0.8, 0.95]", "train.device_microbatch_size=2",
+                             "sampling.every=null", "logging.wandb.tags=[a, b]"])
+    assert cfg.routing.routes[0].rate == 0.25 and cfg.optimizer.betas == (0.8, 0.95)
+    assert cfg.train.device_microbatch_size == 2 and cfg.sampling.every is None
+    assert cfg.logging.wandb.tags == ["a", "b"]
+
+
+def test_override_parsing():
+    assert parse_override("a.b[2].c=0.5") == (["a", "b", 2, "c"], 0.5)
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        parse_override("a.b")
+    with pytest.raises(ConfigError, match="malformed key segment"):
+        parse_override("a..b=1")
+    data = {"r": []}
+    apply_override(data, ["r", 0, "rate"], 0.3, "r[0].rate=0.3")
+    assert data == {"r": [{"rate": 0.3}]}
+    with pytest.raises(ConfigError, match="past the end"):
+        apply_override(data, ["r", 5, "rate"], 0.3, "r[5].rate=0.3")
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml' is not valid yaml"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "yamls").glob("*.yaml")))
+def test_shipped_yamls_validate(name):
+    cfg = load_config(REPO / "yamls" / name)
+    assert isinstance(cfg, RunConfig)
+
+
+def test_paper_configs():
+    b2 = load_config(REPO / "yamls" / "tread_b2.yaml")
+    assert b2.model.name == "DiT-B/2" and [(r.rate, r.start, r.end) for r in b2.routing.routes] == [(0.5, 2, 8)]
+    assert b2.model.init == "xavier_all" and b2.optimizer.lr == 1e-4 and b2.train.global_batch_size == 256
+    xl = load_config(REPO / "yamls" / "tread_xl2.yaml")
+    assert xl.model.name == "DiT-XL/2" and [(r.rate, r.start, r.end) for r in xl.routing.routes] == [(0.5, 2, 24)]
+    assert xl.train.global_batch_size == 256 and xl.ema.decay == 0.9999
+    for dense in ("dit_b2.yaml", "dit_xl2.yaml"):
+        assert load_config(REPO / "yamls" / dense).routing.routes == []
+
+
+def test_dump_roundtrip(tmp_path):
+    cfg = config_from_dict(tiny_run_cfg("/data", tmp_path))
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+def test_base_files_merge_and_cycles_fail(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nrun_name: a\ntrain: {global_batch_size: 4}\n")
+    (tmp_path / "b.yaml").write_text("run_name: b\ndata: {remote: /x}\ntrain: {max_duration: 9ba}\n")
+    cfg = load_config(tmp_path / "a.yaml")
+    assert (cfg.run_name, cfg.train.global_batch_size, cfg.train.max_duration, cfg.data.remote) == ("a", 4, "9ba", "/x")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="form a cycle"):
+        load_config(tmp_path / "a.yaml")

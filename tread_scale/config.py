@@ -1,0 +1,339 @@
+"""The one typed configuration schema of a tread_scale run, and its loader.
+
+``load_config(path, overrides)`` reads a yaml file, applies ``key=value`` overrides and returns a
+:class:`RunConfig`. Unknown keys are errors that name the key and the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from tread_scale.config_schema import apply_override, from_dict, parse_override, to_dict
+from tread_scale.errors import ConfigError
+from tread_scale.models.registry import DiTSize, parse_model_name
+from tread_scale.routing.routes import Route, resolve_routes
+
+
+@dataclass
+class ModelConfig:
+    """The DiT to train.
+
+    ``name`` picks a registry entry (``DiT-XL/2``); leave it null and give ``depth``, ``hidden_size``,
+    ``num_heads`` and ``patch_size`` for a custom size (tests, demos).
+    """
+
+    name: str | None = "DiT-B/2"
+    depth: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None
+    mlp_ratio: float = 4.0
+    in_channels: int = 4
+    input_size: int = 32
+    num_classes: int = 1000
+    init: Literal["adaln_zero", "xavier_all"] = "adaln_zero"
+
+    def size(self) -> tuple[DiTSize, int]:
+        """Resolve to ``(DiTSize, patch_size)``; explicit fields must agree with a named size."""
+        explicit = {"depth": self.depth, "hidden_size": self.hidden_size, "num_heads": self.num_heads,
+                    "patch_size": self.patch_size}
+        if self.name is None:
+            missing = [k for k, v in explicit.items() if v is None]
+            if missing:
+                raise ConfigError(f"model.name is null, so model.{', model.'.join(missing)} must be set")
+            return DiTSize(self.depth, self.hidden_size, self.num_heads, self.mlp_ratio), self.patch_size
+        size, patch = parse_model_name(self.name)
+        resolved = {"depth": size.depth, "hidden_size": size.hidden_size, "num_heads": size.num_heads,
+                    "patch_size": patch}
+        for k, v in explicit.items():
+            if v is not None and v != resolved[k]:
+                raise ConfigError(f"model.{k}={v} contradicts model.name={self.name} ({k}={resolved[k]}); "
+                                  f"set model.name=null for a custom size")
+        return DiTSize(size.depth, size.hidden_size, size.num_heads, self.mlp_ratio), patch
+
+
+@dataclass
+class RouteConfig:
+    """One route: a fraction ``rate`` of tokens skips blocks ``start..end`` (inclusive; negative = from the end)."""
+
+    rate: float
+    start: int
+    end: int
+
+
+@dataclass
+class RoutingConfig:
+    """TREAD routing. No routes means a dense DiT.
+
+    ``seed`` is the base of the routing stream (each rank mixes in its rank); null derives it from the run seed.
+    """
+
+    routes: list[RouteConfig] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class ObjectiveConfig:
+    """Diffusion objective: ``edm`` (EDM preconditioning, Heun sampler) or ``rf`` (rectified flow, Euler)."""
+
+    kind: Literal["edm", "rf"] = "edm"
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    sigma_data: float = 0.5
+    t_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
+    label_dropout: float = 0.1
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW (spec §4.2: lr 1e-4, betas (0.9, 0.999), eps 1e-8, no weight decay, no clipping, no schedule)."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip_norm: float | None = None
+    fused: bool | None = None
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the weights, updated after every optimizer step."""
+
+    enabled: bool = True
+    decay: float = 0.9999
+
+
+@dataclass
+class DataConfig:
+    """The training data: MDS shards of latents, streamed with mosaicml-streaming.
+
+    ``remote`` is ``s3://bucket/prefix`` or a local folder. ``local`` is the per-node cache (default:
+    ``<run_dir>/data_cache``). The streaming ``batch_size`` is not a knob: it is always the per-rank
+    batch (``train.global_batch_size / world_size``) so that ranks cannot disagree on it.
+    """
+
+    remote: str = ""
+    local: str | None = None
+    split: str | None = None
+    shuffle: bool = True
+    shuffle_algo: Literal["py1e", "py1br", "py1b", "py1s", "py2s", "naive"] = "py1e"
+    shuffle_seed: int = 9176
+    shuffle_block_size: int | None = None
+    num_canonical_nodes: int | None = None
+    predownload: int | None = None
+    cache_limit: str | None = None
+    download_timeout: float = 60.0
+    download_retry: int = 2
+    validate_hash: str | None = None
+    num_workers: int = 2
+    worker_start_method: Literal["fork", "spawn", "forkserver"] = "fork"
+    pin_memory: bool = True
+    prefetch_factor: int | None = 2
+    persistent_workers: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Loop, precision, devices and checkpoints."""
+
+    max_duration: str = "400000ba"
+    global_batch_size: int = 256
+    device_microbatch_size: int | None = None
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    precision: Literal["auto", "fp32", "amp_bf16", "amp_fp16"] = "auto"
+    save_folder: str | None = None
+    save_interval: str = "5000ba"
+    save_num_checkpoints_to_keep: int = -1
+    autoresume: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class SamplingConfig:
+    """The in-training sample grid (EMA weights, fixed seeds).
+
+    ``every: null`` samples only at the end of training (if ``at_fit_end``). ``vae`` is a local
+    AutoencoderKL folder used to decode latents into images; pixel-space data needs none.
+    """
+
+    every: str | None = "5000ba"
+    num_images: int = 16
+    steps: int = 18
+    cfg_scale: float = 1.0
+    seed: int = 0
+    at_fit_end: bool = True
+    vae: str | None = None
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging. ``mode: offline`` needs no API key and no network."""
+
+    enabled: bool = False
+    project: str = "tread_scale"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: Literal["online", "offline", "disabled"] = "online"
+
+
+@dataclass
+class LoggingConfig:
+    """Console, progress bar and loggers."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    progress_bar: bool = True
+    console_interval: str = "50ba"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class RunConfig:
+    """A whole training run.
+
+    Outputs go to ``<output_dir>/<run_name>/``: ``config.yaml``, ``checkpoints/`` (unless
+    ``train.save_folder`` points elsewhere, e.g. ``s3://``), ``ema/`` (safetensors of the EMA weights) and
+    ``samples/``. A stable ``run_name`` is what autoresume keys on.
+    """
+
+    run_name: str = "tread-run"
+    output_dir: str = "runs"
+    seed: int = 17
+    model: ModelConfig = field(default_factory=ModelConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    @property
+    def routes(self) -> list[Route]:
+        return [Route(r.rate, r.start, r.end) for r in self.routing.routes]
+
+    @property
+    def routing_seed(self) -> int:
+        return self.seed if self.routing.seed is None else self.routing.seed
+
+    def checkpoint_folder(self) -> str:
+        return self.train.save_folder or str(self.run_dir / "checkpoints")
+
+    def data_cache(self) -> str:
+        return self.data.local or str(self.run_dir / "data_cache")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Cross-field checks that the per-field types cannot express.
+
+    Raises:
+        ConfigError: Naming the offending key.
+    """
+    size, patch = cfg.model.size()
+    if cfg.model.input_size % patch:
+        raise ConfigError(f"model.input_size={cfg.model.input_size} is not divisible by the patch size {patch}")
+    if size.hidden_size % size.num_heads:
+        raise ConfigError(f"model: hidden_size {size.hidden_size} is not divisible by num_heads {size.num_heads}")
+    for key in ("in_channels", "input_size", "num_classes"):
+        if getattr(cfg.model, key) < 1:
+            raise ConfigError(f"model.{key} must be >= 1, got {getattr(cfg.model, key)}")
+    resolve_routes(cfg.routes, size.depth)
+    if not cfg.data.remote:
+        raise ConfigError("data.remote must be set (s3://bucket/prefix or a local folder of MDS shards)")
+    if cfg.train.global_batch_size < 1:
+        raise ConfigError(f"train.global_batch_size must be >= 1, got {cfg.train.global_batch_size}")
+    mb = cfg.train.device_microbatch_size
+    if mb is not None and mb < 1:
+        raise ConfigError(f"train.device_microbatch_size must be >= 1, got {mb}")
+    if not 0.0 <= cfg.objective.label_dropout < 1.0:
+        raise ConfigError(f"objective.label_dropout must be in [0, 1), got {cfg.objective.label_dropout}")
+    if not 0.0 < cfg.ema.decay < 1.0:
+        raise ConfigError(f"ema.decay must be in (0, 1), got {cfg.ema.decay}")
+    if cfg.optimizer.lr <= 0:
+        raise ConfigError(f"optimizer.lr must be > 0, got {cfg.optimizer.lr}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    if "/" in cfg.run_name or not cfg.run_name.strip():
+        raise ConfigError(f"run_name must be a non-empty name without '/', got {cfg.run_name!r}")
+    if cfg.sampling.num_images < 1 or cfg.sampling.steps < 1:
+        raise ConfigError("sampling.num_images and sampling.steps must be >= 1")
+    return cfg
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """Strictly build and validate a :class:`RunConfig` from a plain mapping."""
+    return validate(from_dict(RunConfig, data))
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(p: Path, chain: tuple[Path, ...] = ()) -> dict:
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    if p.resolve() in chain:
+        raise ConfigError(f"config file {str(p)!r}: 'base' files form a cycle")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid yaml: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {str(p)!r}: 'base' must be a path to another yaml file")
+    return _deep_merge(_read_yaml(p.parent / base, (*chain, p.resolve())), data)
+
+
+def load_config_dict(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """Read a yaml file (merged over its ``base:`` file, if any) and apply ``key=value`` overrides.
+
+    A ``base: other.yaml`` key (relative to the file) makes the file a set of changes to another one:
+    mappings merge key by key, everything else (lists included) is replaced.
+
+    Raises:
+        ConfigError: If a file is missing or not a yaml mapping, or an override is malformed.
+    """
+    data = _read_yaml(Path(path))
+    for text in overrides:
+        path_, value = parse_override(text)
+        apply_override(data, path_, value, text)
+    return data
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load, override and validate a run config.
+
+    Args:
+        path: yaml file.
+        overrides: ``key=value`` strings, e.g. ``routing.routes[0].rate=0.5``.
+
+    Returns:
+        The validated :class:`RunConfig`.
+
+    Raises:
+        ConfigError: Naming the file or key at fault.
+    """
+    return config_from_dict(load_config_dict(path, overrides))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as yaml."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
