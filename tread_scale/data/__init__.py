@@ -1,0 +1,1 @@
+"""Data: conversion to MDS shards, object storage, and the streaming training reader."""

@@ -1,0 +1,87 @@
+"""The training reader: MDS latents streamed by mosaicml-streaming, safe to fork.
+
+:class:`LatentStreamingDataset` *is* a ``StreamingDataset`` (a subclass, never a wrapper, so Composer can
+save and restore its position). It checks the shard columns against the model before training starts and
+drops the S3 client that ``StreamingDataset.__init__`` used to fetch ``index.json``: mosaicml-streaming
+0.13.0 otherwise hands that client, with its pooled keep-alive socket, to every forked DataLoader worker,
+and workers then read each other's responses.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from streaming import StreamingDataset
+
+from tread_scale.data.metadata import parse_ndarray_encoding
+from tread_scale.errors import DatasetError, DatasetMismatchError
+
+log = logging.getLogger(__name__)
+
+
+class LatentStreamingDataset(StreamingDataset):
+    """Samples ``{"latent": (C, H, W) float16/32 tensor, "label": int64, "id": int64}`` from MDS shards.
+
+    Args:
+        latent_shape: Expected ``(C, H, W)``; the ``latent`` column must have exactly this static shape.
+        num_classes: Labels must be in ``0..num_classes-1``; checked per sample.
+        **kwargs: Passed to ``StreamingDataset`` (remote, local, batch_size, shuffle, …).
+
+    Raises:
+        DatasetMismatchError: If a column is missing or its shape/dtype disagrees with the model.
+    """
+
+    def __init__(self, *, latent_shape: tuple[int, int, int], num_classes: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.latent_shape = tuple(latent_shape)
+        self.num_classes = num_classes
+        self._check_columns(kwargs.get("remote") or kwargs.get("local"))
+        self.drop_parent_clients()
+
+    def drop_parent_clients(self) -> None:
+        """Forget the object-store clients made in this process, so forked workers make their own."""
+        for stream in self.streams:
+            downloader = getattr(stream, "_downloader", None)
+            if downloader is not None:
+                downloader.clean_up()
+
+    def _check_columns(self, where: str) -> None:
+        for shard in self.shards:
+            names = list(getattr(shard, "column_names", []))
+            encodings = dict(zip(names, getattr(shard, "column_encodings", [])))
+            basename = shard.raw_data.basename
+            for col in ("latent", "label"):
+                if col not in encodings:
+                    raise DatasetMismatchError(f"{where}: shard {basename} has no {col!r} column (columns: {names})")
+            dtype, shape = parse_ndarray_encoding(encodings["latent"])
+            if shape != self.latent_shape:
+                raise DatasetMismatchError(
+                    f"{where}: shard {basename} stores latents of shape {shape} ({encodings['latent']}) but the model "
+                    f"expects {self.latent_shape} (model.in_channels, model.input_size)"
+                )
+            if dtype not in ("float16", "float32", "bfloat16"):
+                raise DatasetMismatchError(f"{where}: shard {basename} stores latents as {dtype}, not a float type")
+            if encodings["label"] != "int":
+                raise DatasetMismatchError(f"{where}: shard {basename} stores labels as {encodings['label']}, not int")
+
+    def shard_name(self, sample_id: int) -> str:
+        shard_id, _ = self.spanner[sample_id]
+        return self.shards[shard_id].raw_data.basename
+
+    def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
+        raw = super().get_item(sample_id, retry)
+        latent = raw["latent"]
+        label = int(raw["label"])
+        if not 0 <= label < self.num_classes:
+            raise DatasetError(f"sample {sample_id} in shard {self.shard_name(sample_id)} has label {label}, "
+                               f"outside 0..{self.num_classes - 1} (model.num_classes={self.num_classes})")
+        if not np.isfinite(latent).all():
+            raise DatasetError(f"sample {sample_id} in shard {self.shard_name(sample_id)} has NaN or Inf latents")
+        return {
+            "latent": torch.from_numpy(np.array(latent, copy=True)),
+            "label": torch.tensor(label, dtype=torch.int64),
+            "id": torch.tensor(int(raw.get("id", sample_id)), dtype=torch.int64),
+        }
