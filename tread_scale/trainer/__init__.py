@@ -1,0 +1,1 @@
+"""The Composer adapter layer: ComposerModel, the TREAD Algorithm, callbacks and the trainer builder."""

@@ -1,0 +1,251 @@
+"""Build and run a Composer ``Trainer`` from a :class:`~tread_scale.config.RunConfig`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from tread_scale.config import RunConfig, dump_config
+from tread_scale.config_schema import to_dict
+from tread_scale.data import object_store as s3
+from tread_scale.data.metadata import LatentMetadata, check_against_model, read_metadata
+from tread_scale.errors import ConfigError
+from tread_scale.factory import build_dit, build_objective
+from tread_scale.log_setup import redact, setup_logging
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run put its outputs."""
+
+    run_dir: Path
+    checkpoint_folder: str
+    batches: int
+    ema_weights: Path | None
+    sample_grid: Path | None
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if device == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("train.device=gpu but no CUDA device is visible")
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    if precision == "auto":
+        return "amp_bf16" if device == "gpu" else "fp32"
+    if precision.startswith("amp") and device == "cpu":
+        raise ConfigError(f"train.precision={precision} needs a GPU; use fp32 on CPU")
+    return precision
+
+
+def per_rank_batch(cfg: RunConfig, world_size: int) -> int:
+    gbs = cfg.train.global_batch_size
+    if gbs % world_size:
+        raise ConfigError(f"train.global_batch_size={gbs} is not divisible by the world size {world_size}")
+    return gbs // world_size
+
+
+def build_dataloader(cfg: RunConfig, meta: LatentMetadata, batch_size: int) -> DataLoader:
+    """The training DataLoader over a :class:`LatentStreamingDataset` (never wrapped)."""
+    from tread_scale.data.dataset import LatentStreamingDataset
+
+    d = cfg.data
+    if s3.is_s3(d.remote):
+        location = {"remote": d.remote, "local": cfg.data_cache()}
+    else:
+        if not Path(d.remote, "index.json").is_file():
+            raise ConfigError(f"data.remote={d.remote!r}: no index.json there (not an MDS dataset)")
+        location = {"remote": None, "local": d.remote}
+    if d.cache_limit is not None and location["remote"] is None:
+        log.warning("data.cache_limit is set for a local-only dataset; streaming may evict shards it cannot "
+                    "download again (mosaicml/streaming#988). Ignoring cache_limit.")
+    dataset = LatentStreamingDataset(
+        latent_shape=tuple(meta.latent_shape),
+        num_classes=cfg.model.num_classes,
+        split=d.split,
+        batch_size=batch_size,
+        shuffle=d.shuffle,
+        shuffle_algo=d.shuffle_algo,
+        shuffle_seed=d.shuffle_seed,
+        shuffle_block_size=d.shuffle_block_size,
+        num_canonical_nodes=d.num_canonical_nodes,
+        predownload=d.predownload,
+        cache_limit=d.cache_limit if location["remote"] is not None else None,
+        download_timeout=d.download_timeout,
+        download_retry=d.download_retry,
+        validate_hash=d.validate_hash,
+        **location,
+    )
+    workers = d.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=d.pin_memory and torch.cuda.is_available(),
+        drop_last=True,
+        persistent_workers=d.persistent_workers and workers > 0,
+        prefetch_factor=d.prefetch_factor if workers > 0 else None,
+        multiprocessing_context=d.worker_start_method if workers > 0 else None,
+    )
+
+
+def weights_metadata(cfg: RunConfig, meta: LatentMetadata) -> dict:
+    """What an exported weight file records so that it can be rebuilt and sampled on its own."""
+    return {
+        "run_name": cfg.run_name,
+        "model": to_dict(cfg.model),
+        "routing": to_dict(cfg.routing),
+        "objective": to_dict(cfg.objective),
+        "data": {"latent_shape": list(meta.latent_shape), "num_classes": meta.num_classes, "vae": meta.vae,
+                 "scaling_factor": meta.scaling_factor, "class_names": meta.class_names},
+    }
+
+
+def _prepare_data_access(cfg: RunConfig) -> LatentMetadata:
+    if s3.is_s3(cfg.data.remote):
+        s3.check_s3_access(cfg.data.remote)
+    if s3.is_s3(cfg.checkpoint_folder()):
+        s3.check_s3_access(cfg.checkpoint_folder())
+    meta = read_metadata(cfg.data.remote)
+    check_against_model(meta, in_channels=cfg.model.in_channels, input_size=cfg.model.input_size,
+                        num_classes=cfg.model.num_classes, where=cfg.data.remote)
+    return meta
+
+
+def _make_decoder(cfg: RunConfig, meta: LatentMetadata):
+    if meta.vae == "none":
+        return None
+    if cfg.sampling.vae is None:
+        log.warning("dataset latents come from VAE %r but sampling.vae is not set: sample grids show raw latent "
+                    "channels", meta.vae)
+        return None
+    from tread_scale.data.vae import decode, load_vae
+
+    vae = load_vae(cfg.sampling.vae)
+
+    def _decode(latents: torch.Tensor) -> torch.Tensor:
+        return decode(vae.to(latents.device), latents).to(latents.device)
+
+    return _decode
+
+
+def build_trainer(cfg: RunConfig):
+    """Everything for one run, checked before the first step: data access, shapes, devices, batch split.
+
+    Returns:
+        ``(trainer, handles)`` where ``handles`` holds the callbacks whose outputs the caller may report.
+    """
+    from composer import Trainer
+    from composer.algorithms import GradientClipping
+    from composer.utils import dist, get_device, reproducibility
+    from streaming.base.util import clean_stale_shared_memory
+
+    from tread_scale.trainer.ema import EMA
+    from tread_scale.trainer.ema_export import EMAExport
+    from tread_scale.trainer.model import DiffusionModel
+    from tread_scale.trainer.noise_stream import NoiseStreamState
+    from tread_scale.trainer.sample_grid import SampleGrid
+    from tread_scale.trainer.tread_algorithm import TREADRouting
+
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    meta = _prepare_data_access(cfg)
+
+    dist.initialize_dist(get_device(device), timeout=300.0)
+    world, rank = dist.get_world_size(), dist.get_global_rank()
+    batch = per_rank_batch(cfg, world)
+    run_dir = cfg.run_dir
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(redact(dump_config(cfg)))
+    if dist.get_local_rank() == 0:
+        clean_stale_shared_memory()
+    dist.barrier()
+    log.info("run %s: world size %d, %d samples per rank per batch, device %s, precision %s", cfg.run_name, world,
+             batch, device, precision)
+
+    loader = build_dataloader(cfg, meta, batch)
+    reproducibility.seed_all(cfg.seed)  # identical initial weights on every rank and every run
+    net = build_dit(cfg.model)
+    model = DiffusionModel(net, build_objective(cfg.objective), seed=cfg.seed, rank=rank)
+    fused = cfg.optimizer.fused if cfg.optimizer.fused is not None else device == "gpu"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
+                                  eps=cfg.optimizer.eps, weight_decay=cfg.optimizer.weight_decay, fused=fused)
+    algorithms = []
+    if cfg.routes:
+        algorithms.append(TREADRouting(cfg.routes, seed=cfg.routing_seed))
+    if cfg.optimizer.grad_clip_norm is not None:
+        algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=cfg.optimizer.grad_clip_norm))
+
+    ema = EMA(cfg.ema.decay) if cfg.ema.enabled else None
+    ckpt = cfg.checkpoint_folder()
+    wmeta = weights_metadata(cfg, meta)
+    export = EMAExport(ema, run_dir / "ema", cfg.train.save_interval, wmeta,
+                       remote_dir=s3.join_uri(ckpt, "ema") if s3.is_s3(ckpt) else None)
+    grid = SampleGrid(
+        make_net=lambda: build_dit(cfg.model, cfg.routes, cfg.routing_seed),
+        ema=ema, out_dir=run_dir / "samples", interval=cfg.sampling.every, objective=cfg.objective.kind,
+        num_classes=meta.num_classes, num_images=cfg.sampling.num_images, steps=cfg.sampling.steps,
+        cfg_scale=cfg.sampling.cfg_scale, seed=cfg.sampling.seed, decode=_make_decoder(cfg, meta),
+        at_fit_end=cfg.sampling.at_fit_end, sigma_data=cfg.objective.sigma_data,
+    )
+    callbacks = [c for c in (NoiseStreamState(model.noise), ema, export, grid) if c is not None]
+
+    loggers = []
+    if cfg.logging.wandb.enabled:
+        from tread_scale.trainer.wandb_logger import OfflineSafeWandBLogger
+
+        w = cfg.logging.wandb
+        loggers.append(OfflineSafeWandBLogger(mode=w.mode, project=w.project, entity=w.entity, group=w.group,
+                                              name=cfg.run_name, tags=list(w.tags),
+                                              init_kwargs={"config": to_dict(cfg), "dir": str(run_dir)}))
+
+    trainer = Trainer(
+        model=model,
+        train_dataloader=loader,
+        max_duration=cfg.train.max_duration,
+        optimizers=optimizer,
+        algorithms=algorithms,
+        callbacks=callbacks,
+        loggers=loggers,
+        run_name=cfg.run_name,
+        save_folder=ckpt,
+        save_interval=cfg.train.save_interval,
+        save_num_checkpoints_to_keep=cfg.train.save_num_checkpoints_to_keep,
+        autoresume=cfg.train.autoresume,
+        device=device,
+        precision=precision,
+        device_train_microbatch_size=cfg.train.device_microbatch_size or batch,
+        seed=cfg.seed,
+        deterministic_mode=cfg.train.deterministic,
+        progress_bar=cfg.logging.progress_bar,
+        log_to_console=not cfg.logging.progress_bar,
+        console_log_interval=cfg.logging.console_interval,
+        python_log_level=None,
+    )
+    return trainer, {"ema": ema, "export": export, "grid": grid}
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Train per ``cfg`` (resuming automatically when a checkpoint of the same run exists)."""
+    setup_logging(cfg.logging.level)
+    if cfg.logging.wandb.enabled and cfg.logging.wandb.mode != "online":
+        os.environ.setdefault("WANDB_MODE", cfg.logging.wandb.mode)
+    trainer, handles = build_trainer(cfg)
+    try:
+        trainer.fit()
+        batches = int(trainer.state.timestamp.batch)
+    finally:
+        trainer.close()
+    return TrainResult(cfg.run_dir, cfg.checkpoint_folder(), batches, handles["export"].last_export,
+                       handles["grid"].last_grid)

@@ -1,0 +1,68 @@
+"""``EMAExport``: write the EMA weights as safetensors whenever a checkpoint is saved."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from composer.core import Callback, Event, State
+from composer.loggers import Logger
+from composer.utils import dist
+from composer.utils.misc import create_interval_scheduler
+
+from tread_scale.data import object_store as s3
+from tread_scale.trainer.ema import EMA, _full
+from tread_scale.trainer.utils import dit_of
+from tread_scale.weights import save_weights
+
+log = logging.getLogger(__name__)
+
+
+class EMAExport(Callback):
+    """Export ``ema/ba<N>.safetensors`` and ``ema/latest.safetensors`` at the checkpoint cadence.
+
+    The files hold the EMA weights (raw weights if EMA is off) and, as metadata, everything needed to
+    rebuild and sample the network without the training code's pickles.
+
+    Args:
+        ema: The EMA callback, or ``None``.
+        out_dir: Local folder.
+        interval: Checkpoint interval (e.g. ``5000ba``); also at the end of training.
+        meta: JSON-able metadata (model, routing, objective, data facts).
+        remote_dir: Also upload there (``s3://…``), if given.
+    """
+
+    def __init__(self, ema: EMA | None, out_dir: str | Path, interval: str, meta: dict[str, Any],
+                 remote_dir: str | None = None) -> None:
+        self.ema = ema
+        self.out_dir = Path(out_dir)
+        self.meta = meta
+        self.remote_dir = remote_dir
+        self._due = create_interval_scheduler(interval)
+        self.last_export: Path | None = None
+
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        if event in (Event.BATCH_CHECKPOINT, Event.EPOCH_CHECKPOINT) and self._due(state, event):
+            self.export(state)
+
+    def export(self, state: State) -> Path | None:
+        if self.ema is not None:
+            weights = self.ema.full_state_dict(state)
+        else:
+            weights = {n: _full(t) for n, t in dit_of(state.model).state_dict().items()}
+        if dist.get_global_rank() != 0:
+            return None
+        step = int(state.timestamp.batch)
+        meta = {**self.meta, "step": step, "ema": self.ema is not None}
+        path = save_weights(self.out_dir / f"ba{step:08d}.safetensors", weights, meta)
+        latest = self.out_dir / "latest.safetensors"
+        shutil.copyfile(path, latest.with_name("latest.safetensors.tmp"))
+        latest.with_name("latest.safetensors.tmp").replace(latest)
+        if self.remote_dir:
+            s3.upload_file(path, s3.join_uri(self.remote_dir, path.name))
+            s3.upload_file(latest, s3.join_uri(self.remote_dir, latest.name))
+        log.info("exported %s weights at batch %d to %s", "EMA" if self.ema else "model", step, path)
+        self.last_export = path
+        return path

@@ -1,0 +1,91 @@
+"""``TREADRouting``: the Composer Algorithm that applies TREAD token routing to a DiT."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from composer.core import Algorithm, Event, State
+from composer.loggers import Logger
+from composer.utils import dist
+from torch import nn
+
+from tread_scale.routing.flops import routed_block_fraction
+from tread_scale.routing.router import TokenRouter
+from tread_scale.routing.routes import Route, resolve_routes
+from tread_scale.trainer.utils import dit_of
+
+log = logging.getLogger(__name__)
+
+
+class TREADRouting(Algorithm):
+    """Attach TREAD routing to the DiT at ``Event.INIT`` (before DDP/FSDP wrapping).
+
+    Routing is on for training batches and off in eval mode (the DiT routes only when ``self.training``).
+    Each rank draws its own subsets from the stream ``(seed, rank)``; the stream's position is saved in
+    checkpoints through :meth:`state_dict` and restored by :meth:`load_state_dict`.
+
+    Args:
+        routes: Routes ``{rate, start, end}``; validated against the model depth at INIT.
+        seed: Base seed of the routing stream.
+
+    Raises:
+        RuntimeError: At INIT, if the model has no block stack or already has a router (applied twice).
+    """
+
+    def __init__(self, routes: Sequence[Route], seed: int = 0) -> None:
+        self.routes = [r if isinstance(r, Route) else Route(r.rate, r.start, r.end) for r in routes]
+        self.seed = int(seed)
+        self.router: TokenRouter | None = None
+        self._pending: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"TREADRouting(routes={[r.describe() for r in self.routes]}, seed={self.seed})"
+
+    def match(self, event: Event, state: State) -> bool:
+        return event == Event.INIT
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        net = dit_of(state.model)
+        blocks = getattr(net, "blocks", None)
+        if not isinstance(blocks, nn.ModuleList) or not hasattr(net, "attach_router"):
+            raise RuntimeError(f"TREADRouting needs a model with a block stack (`blocks` ModuleList and "
+                               f"`attach_router`); got {type(net).__name__}")
+        if getattr(net, "router", None) is not None:
+            raise RuntimeError("TREADRouting was applied twice: the model already has a router")
+        router = TokenRouter(self.routes, seed=self.seed, rank=dist.get_global_rank())
+        net.attach_router(router)
+        self.router = router
+        if self._pending is not None:
+            router.load_routing_state(self._pending)
+            self._pending = None
+        resolved = resolve_routes(self.routes, len(blocks))
+        fraction = routed_block_fraction(resolved, len(blocks), net.num_tokens, net.hidden_size, net.mlp_ratio)
+        if dist.get_global_rank() == 0:
+            log.info("TREAD routing: %s over %d blocks, %d tokens; block FLOPs %.3f of dense (%.2fx fewer)",
+                     ", ".join(f"{r.start}->{r.end} @ {r.rate}" for r in resolved), len(blocks), net.num_tokens,
+                     fraction, 1 / fraction)
+        logger.log_hyperparameters({
+            "tread/routes": [{"rate": r.rate, "start": r.start, "end": r.end} for r in resolved],
+            "tread/block_flops_fraction": fraction,
+        })
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["routes"] = [{"rate": r.rate, "start": r.start, "end": r.end} for r in self.routes]
+        state["router"] = self.router.routing_state() if self.router is not None else self._pending
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = [Route(**r) for r in state.get("routes", [])]
+        if saved and saved != self.routes:
+            log.warning("resuming with routes %s; the checkpoint was trained with %s",
+                        [r.describe() for r in self.routes], [r.describe() for r in saved])
+        router_state = state.get("router")
+        if router_state is None:
+            return
+        if self.router is not None:
+            self.router.load_routing_state(router_state)
+        else:
+            self._pending = dict(router_state)
