@@ -1,0 +1,147 @@
+"""The ``tread-scale`` command: ``convert``, ``train``, ``sample``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tread_scale.errors import TreadScaleError
+from tread_scale.log_setup import setup_logging
+
+log = logging.getLogger("tread_scale.cli")
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="write MDS shards of latents (local folder or s3://bucket/prefix)")
+    srcs = p.add_subparsers(dest="source", required=True)
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
+        q.add_argument("--processes", type=int, default=1, help="worker processes (default 1)")
+        q.add_argument("--group-size", type=int, default=20000, help="samples per resumable group")
+        q.add_argument("--shard-size", default="64mb", help="MDS shard size limit (default 64mb)")
+        q.add_argument("--compression", default="zstd", help="MDS compression: zstd (default) or none")
+        q.add_argument("--work-dir", help="staging folder for s3:// outputs (kept; reruns resume from it)")
+        q.add_argument("--overwrite", action="store_true", help="replace an output holding another conversion")
+        q.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    demo = srcs.add_parser("demo", help="the built-in procedural shapes dataset (pixel space)")
+    demo.add_argument("--num-samples", type=int, default=4096)
+    demo.add_argument("--resolution", type=int, default=32)
+    demo.add_argument("--num-classes", type=int, default=6)
+    demo.add_argument("--seed", type=int, default=0)
+    common(demo)
+
+    npy = srcs.add_parser("npy", help="a folder of .npy/.npz latents with labels")
+    npy.add_argument("folder")
+    npy.add_argument("--num-classes", type=int, help="number of classes (default: max label + 1)")
+    common(npy)
+
+    img = srcs.add_parser("images", help="an image folder with one subfolder per class, encoded by a VAE")
+    img.add_argument("folder")
+    img.add_argument("--vae", required=True, help="local AutoencoderKL folder (save_pretrained), or 'none' for pixels")
+    img.add_argument("--resolution", type=int, default=256)
+    img.add_argument("--batch-size", type=int, default=32)
+    img.add_argument("--seed", type=int, default=0)
+    img.add_argument("--device", default="cpu")
+    common(img)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from tread_scale.data.convert import ConvertOptions, convert
+    from tread_scale.data.sources import DemoSource, ImageFolderSource, NpyFolderSource
+
+    if args.source == "demo":
+        source = DemoSource(num_samples=args.num_samples, resolution=args.resolution, seed=args.seed,
+                            num_classes=args.num_classes)
+    elif args.source == "npy":
+        source = NpyFolderSource(folder=args.folder, num_classes=args.num_classes)
+    else:
+        source = ImageFolderSource(folder=args.folder, resolution=args.resolution, vae=args.vae,
+                                   batch_size=args.batch_size, seed=args.seed, device=args.device)
+    opts = ConvertOptions(processes=args.processes, group_size=args.group_size, shard_size=args.shard_size,
+                          compression=args.compression, work_dir=args.work_dir, overwrite=args.overwrite,
+                          progress=not args.no_progress)
+    meta = convert(source, args.out, opts)
+    log.info("dataset at %s: %d samples of shape %s, %d classes", args.out, meta.num_samples,
+             tuple(meta.latent_shape), meta.num_classes)
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train from a yaml config with key=value overrides")
+    p.add_argument("config", help="yaml file (see yamls/)")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. routing.routes[0].rate=0.5")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from tread_scale.config import load_config
+    from tread_scale.trainer.builder import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    log.info("finished %d batches; run folder %s; checkpoints %s; EMA weights %s; samples %s", result.batches,
+             result.run_dir, result.checkpoint_folder, result.ema_weights, result.sample_grid)
+    return 0
+
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="sample a PNG grid and an .npz from exported EMA weights")
+    p.add_argument("weights", help="a .safetensors file written by training (ema/), or a run folder")
+    p.add_argument("--out", required=True, help="output folder (grid.png, samples.npz)")
+    p.add_argument("--num", type=int, default=16, help="number of samples")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    p.add_argument("--labels", help="comma-separated labels (default: cycle through the classes)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: 40 for EDM-Heun, 50 for RF-Euler)")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--tread-scale", type=float, help="TREAD guidance scale (off when not given)")
+    p.add_argument("--strong-rate", type=float, default=0.3, help="routing rate of the strong branch")
+    p.add_argument("--weak-rate", type=float, default=0.7, help="routing rate of the weak branch")
+    p.add_argument("--tread-drop-label", action="store_true", help="null label in TREAD branches (reference bug)")
+    p.add_argument("--interval", type=float, nargs=2, metavar=("LOW", "HIGH"), help="guide only within this σ/t range")
+    p.add_argument("--vae", help="local AutoencoderKL folder to decode latents")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from tread_scale.diffusion.guidance import Guidance
+    from tread_scale.sample_cli import sample_to_folder
+
+    guidance = Guidance(cfg_scale=args.cfg_scale, tread_scale=args.tread_scale, strong_rate=args.strong_rate,
+                        weak_rate=args.weak_rate, tread_drop_label=args.tread_drop_label,
+                        interval=tuple(args.interval) if args.interval else None)
+    labels = [int(x) for x in args.labels.split(",")] if args.labels else None
+    out = sample_to_folder(args.weights, args.out, num=args.num, seed=args.seed, labels=labels, steps=args.steps,
+                           guidance=guidance, vae=args.vae, batch_size=args.batch_size, device=args.device)
+    log.info("wrote %s and %s", out["grid"], out["npz"])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tread-scale", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    _add_train(sub)
+    _add_sample(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``tread-scale``; returns the exit code (2 for a clear user error)."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    runners = {"convert": _run_convert, "train": _run_train, "sample": _run_sample}
+    try:
+        return runners[args.command](args)
+    except TreadScaleError as e:
+        log.error("%s", e)
+        print(f"tread-scale {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
