@@ -228,3 +228,15 @@ def test_reader_checks_columns_and_labels(latent_dataset):
                                            r"outside 0..0 \(model.num_classes=1\)"):
         for i in range(len(ds)):
             ds[i]
+
+
+def test_missing_label_column_is_named(tmp_path):
+    from streaming import MDSWriter
+    from streaming.base.util import clean_stale_shared_memory
+
+    out = tmp_path / "nolabel"
+    with MDSWriter(out=str(out), columns={"latent": "ndarray:float16:4,8,8"}) as w:
+        w.write({"latent": np.zeros((4, 8, 8), np.float16)})
+    clean_stale_shared_memory()
+    with pytest.raises(DatasetMismatchError, match=r"shard shard.00000.mds has no 'label' column \(columns: \['latent'\]\)"):
+        LatentStreamingDataset(latent_shape=(4, 8, 8), num_classes=5, local=str(out), batch_size=1)
