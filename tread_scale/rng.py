@@ -30,7 +30,7 @@ def mix_seed(*parts: int) -> int:
     return h >> 1
 
 
-def generator(device: torch.device | str, seed: int) -> torch.Generator:
+def seeded_generator(device: torch.device | str, seed: int) -> torch.Generator:
     """A generator on ``device`` seeded with ``seed``."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -57,7 +57,7 @@ class SeedStream:
         return s
 
     def next_generator(self, device: torch.device | str) -> torch.Generator:
-        return generator(device, self.next_seed())
+        return seeded_generator(device, self.next_seed())
 
     def state(self) -> dict[str, Any]:
         return {"seed": self.seed, "calls": self.calls}
@@ -65,3 +65,47 @@ class SeedStream:
     def load_state(self, state: dict[str, Any]) -> None:
         self.seed = int(state["seed"])
         self.calls = int(state["calls"])
+
+
+def sample_seeds(seed: int, step: int, ids: list[int]) -> list[int]:
+    """One seed per training sample: ``mix(seed, step, id)``.
+
+    Keyed by the sample's dataset id rather than by rank or position, the draws of a step do not depend on
+    the world size, the rank a sample lands on, the micro-batch split or a resumption.
+    """
+    return [mix_seed(seed, step, int(i)) for i in ids]
+
+
+class BatchRandom:
+    """Uniform and normal draws for a batch: from one generator, or from one generator per sample.
+
+    Successive calls continue the same streams, so ``normal()`` then ``normal(C, H, W)`` draws a noise level
+    and then noise, per sample.
+
+    Args:
+        batch: Batch size B.
+        device: Device of the draws.
+        generator: One generator for the whole batch (the global RNG when ``None`` and no ``sample_seeds``).
+        sample_seeds: One seed per sample (see :func:`sample_seeds`); takes precedence over ``generator``.
+    """
+
+    def __init__(self, batch: int, device: torch.device | str, generator: torch.Generator | None = None,
+                 sample_seeds: list[int] | None = None) -> None:
+        if sample_seeds is not None and len(sample_seeds) != batch:
+            raise ValueError(f"got {len(sample_seeds)} sample seeds for a batch of {batch}")
+        self.batch = batch
+        self.device = device
+        self.generator = generator
+        self.per_sample = None if sample_seeds is None else [seeded_generator(device, s) for s in sample_seeds]
+
+    def _draw(self, fn, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.per_sample is None:
+            return fn((self.batch, *shape), generator=self.generator, device=self.device)
+        return torch.stack([fn(shape, generator=g, device=self.device) for g in self.per_sample])
+
+    def normal(self, *shape: int) -> torch.Tensor:
+        return self._draw(torch.randn, shape)
+
+    def uniform(self, *shape: int) -> torch.Tensor:
+        return self._draw(torch.rand, shape)
+

@@ -83,5 +83,14 @@ class LatentStreamingDataset(StreamingDataset):
         return {
             "latent": torch.from_numpy(np.array(latent, copy=True)),
             "label": torch.tensor(label, dtype=torch.int64),
-            "id": torch.tensor(int(raw.get("id", sample_id)), dtype=torch.int64),
+            "id": int(raw.get("id", sample_id)),
         }
+
+
+def collate_latents(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack latents and labels; keep ids a Python list (they seed per-sample draws on the host, no sync)."""
+    return {
+        "latent": torch.stack([s["latent"] for s in samples]),
+        "label": torch.stack([s["label"] for s in samples]),
+        "id": [s["id"] for s in samples],
+    }

@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from tread_scale.rng import BatchRandom
+
 
 class EDM:
     """EDM training objective with the reference hyperparameters.
@@ -55,7 +57,8 @@ class EDM:
         return c_skip.view(-1, 1, 1, 1) * x_noisy + c_out.view(-1, 1, 1, 1) * raw.to(x_noisy.dtype)
 
     def training_loss(self, net: nn.Module, x: torch.Tensor, labels: torch.Tensor, null_label: int,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None, sample_seeds: list[int] | None = None
+                      ) -> torch.Tensor:
         """One stochastic EDM loss on a batch of clean latents.
 
         Args:
@@ -64,14 +67,15 @@ class EDM:
             labels: ``(B,)`` int labels.
             null_label: Index that replaces dropped labels.
             generator: Source of σ, noise and label dropout (the global RNG when ``None``).
+            sample_seeds: One seed per sample instead (see :func:`tread_scale.rng.sample_seeds`).
 
         Returns:
             Scalar loss.
         """
-        b = x.shape[0]
-        sigma = (torch.randn(b, device=x.device, generator=generator) * self.P_std + self.P_mean).exp()
-        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        labels = drop_labels(labels, self.label_dropout, null_label, generator)
+        rnd = BatchRandom(x.shape[0], x.device, generator, sample_seeds)
+        sigma = (rnd.normal() * self.P_std + self.P_mean).exp()
+        noise = rnd.normal(*x.shape[1:]).to(x.dtype)
+        labels = drop_labels(labels, self.label_dropout, null_label, rnd)
         x_noisy = x + sigma.view(-1, 1, 1, 1) * noise
         net_in, c_noise = self.model_input(x_noisy, sigma)
         denoised = self.denoised(x_noisy, sigma, net(net_in, c_noise, labels).float())
@@ -87,12 +91,12 @@ class EDM:
         return (self.loss_weight(sigma).view(-1, 1, 1, 1) * (denoised - x) ** 2).flatten(1).mean(1)
 
 
-def drop_labels(labels: torch.Tensor, prob: float, null_label: int,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Replace each label by ``null_label`` with probability ``prob``."""
+def drop_labels(labels: torch.Tensor, prob: float, null_label: int, rnd: BatchRandom | None = None) -> torch.Tensor:
+    """Replace each label by ``null_label`` with probability ``prob`` (draws from ``rnd``, else the global RNG)."""
     if prob <= 0:
         return labels
-    drop = torch.rand(labels.shape[0], device=labels.device, generator=generator) < prob
+    rnd = rnd or BatchRandom(labels.shape[0], labels.device)
+    drop = rnd.uniform() < prob
     return torch.where(drop, torch.full_like(labels, null_label), labels)
 
 

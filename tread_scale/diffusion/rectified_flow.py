@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from tread_scale.diffusion.edm import drop_labels
+from tread_scale.rng import BatchRandom
 
 
 class RectifiedFlow:
@@ -27,17 +28,23 @@ class RectifiedFlow:
         self.t_sampling = t_sampling
         self.label_dropout = label_dropout
 
-    def sample_t(self, batch: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_t(self, rnd: BatchRandom) -> torch.Tensor:
         if self.t_sampling == "uniform":
-            return torch.rand(batch, device=device, generator=generator)
-        return torch.sigmoid(torch.randn(batch, device=device, generator=generator))
+            return rnd.uniform()
+        return torch.sigmoid(rnd.normal())
 
     def training_loss(self, net: nn.Module, x: torch.Tensor, labels: torch.Tensor, null_label: int,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-        """Mean of ``(ε − x − v)²`` over every element; randomness from ``generator`` (global RNG if ``None``)."""
-        t = self.sample_t(x.shape[0], x.device, generator)
-        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        labels = drop_labels(labels, self.label_dropout, null_label, generator)
+                      generator: torch.Generator | None = None, sample_seeds: list[int] | None = None
+                      ) -> torch.Tensor:
+        """Mean of ``(ε − x − v)²`` over every element.
+
+        Randomness comes from ``generator``, or one generator per sample seeded from ``sample_seeds``, or
+        else the global RNG.
+        """
+        rnd = BatchRandom(x.shape[0], x.device, generator, sample_seeds)
+        t = self.sample_t(rnd)
+        noise = rnd.normal(*x.shape[1:]).to(x.dtype)
+        labels = drop_labels(labels, self.label_dropout, null_label, rnd)
         z = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
         v = net(z, t, labels).float()
         return ((noise - x - v) ** 2).mean()

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tread_scale.rng import SeedStream, generator, mix_seed
+from tread_scale.rng import SeedStream, mix_seed, seeded_generator
 from tread_scale.routing.routes import ResolvedRoute, Route, check_rate, resolve_routes
 from tread_scale.routing.tokens import num_kept
 
@@ -101,10 +101,10 @@ class TokenRouter(nn.Module):
             if keep == num_tokens:
                 continue  # rate 0 (or N·rate < 1): the route is the identity; no permutation is applied
             if per_sample:
-                noise = torch.stack([torch.rand(num_tokens, generator=generator(device, mix_seed(int(s), k)),
+                noise = torch.stack([torch.rand(num_tokens, generator=seeded_generator(device, mix_seed(int(s), k)),
                                                 device=device) for s in seed])
             else:
-                noise = torch.rand(batch, num_tokens, generator=generator(device, mix_seed(call_seed, k)), device=device)
+                noise = torch.rand(batch, num_tokens, generator=seeded_generator(device, mix_seed(call_seed, k)), device=device)
             ids = noise.topk(keep, dim=1, sorted=False).indices.sort(dim=1).values
             plan[route.start] = (route.end, ids)
         return plan

@@ -57,7 +57,7 @@ def per_rank_batch(cfg: RunConfig, world_size: int) -> int:
 
 def build_dataloader(cfg: RunConfig, meta: LatentMetadata, batch_size: int) -> DataLoader:
     """The training DataLoader over a :class:`LatentStreamingDataset` (never wrapped)."""
-    from tread_scale.data.dataset import LatentStreamingDataset
+    from tread_scale.data.dataset import LatentStreamingDataset, collate_latents
 
     d = cfg.data
     if s3.is_s3(d.remote):
@@ -90,6 +90,7 @@ def build_dataloader(cfg: RunConfig, meta: LatentMetadata, batch_size: int) -> D
     return DataLoader(
         dataset,
         batch_size=batch_size,
+        collate_fn=collate_latents,
         num_workers=workers,
         pin_memory=d.pin_memory and torch.cuda.is_available(),
         drop_last=True,
@@ -153,7 +154,7 @@ def build_trainer(cfg: RunConfig):
     from tread_scale.trainer.ema import EMA
     from tread_scale.trainer.ema_export import EMAExport
     from tread_scale.trainer.model import DiffusionModel
-    from tread_scale.trainer.noise_stream import NoiseStreamState
+    from tread_scale.trainer.train_step import TrainStep
     from tread_scale.trainer.sample_grid import SampleGrid
     from tread_scale.trainer.tread_algorithm import TREADRouting
 
@@ -177,7 +178,7 @@ def build_trainer(cfg: RunConfig):
     loader = build_dataloader(cfg, meta, batch)
     reproducibility.seed_all(cfg.seed)  # identical initial weights on every rank and every run
     net = build_dit(cfg.model)
-    model = DiffusionModel(net, build_objective(cfg.objective), seed=cfg.seed, rank=rank)
+    model = DiffusionModel(net, build_objective(cfg.objective), seed=cfg.seed)
     fused = cfg.optimizer.fused if cfg.optimizer.fused is not None else device == "gpu"
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
                                   eps=cfg.optimizer.eps, weight_decay=cfg.optimizer.weight_decay, fused=fused)
@@ -199,7 +200,7 @@ def build_trainer(cfg: RunConfig):
         cfg_scale=cfg.sampling.cfg_scale, seed=cfg.sampling.seed, decode=_make_decoder(cfg, meta),
         at_fit_end=cfg.sampling.at_fit_end, sigma_data=cfg.objective.sigma_data,
     )
-    callbacks = [c for c in (NoiseStreamState(model.noise), ema, export, grid) if c is not None]
+    callbacks = [c for c in (TrainStep(), ema, export, grid) if c is not None]
 
     loggers = []
     if cfg.logging.wandb.enabled:

@@ -10,39 +10,49 @@ from composer.models import ComposerModel
 from tread_scale.diffusion.edm import EDM
 from tread_scale.diffusion.rectified_flow import RectifiedFlow
 from tread_scale.models.dit import DiT
-from tread_scale.rng import SeedStream
+from tread_scale.rng import mix_seed, sample_seeds
+
+ROUTING_SALT = 0x7EAD
 
 
 class DiffusionModel(ComposerModel):
-    """Trains ``net`` with ``objective`` on batches ``{"latent", "label"}``.
+    """Trains ``net`` with ``objective`` on batches ``{"latent", "label", "id"}``.
 
-    ``forward`` returns the scalar stochastic loss of the batch; ``loss`` passes it through. Noise levels,
-    noise and label dropout of forward call ``i`` come from a generator seeded ``mix(seed, rank, i)``
-    (:class:`~tread_scale.rng.SeedStream`), so each rank has its own stream and a resumed run draws exactly
-    what an uninterrupted one would (:class:`~tread_scale.trainer.noise_stream.NoiseStreamState` saves it).
+    ``forward`` returns the scalar stochastic loss of the batch; ``loss`` passes it through. Every random
+    draw of a training sample (noise level, noise, label dropout, routed token subset) comes from its own
+    generator seeded ``mix(seed, step, id)``, where ``step`` is the optimizer step (set before each batch by
+    :class:`~tread_scale.trainer.train_step.TrainStep`) and ``id`` the sample's dataset id. Each rank thus
+    draws for its own samples, and a step's draws do not depend on the world size, the micro-batch split
+    or whether the run was resumed.
 
     Args:
         net: The DiT.
         objective: :class:`EDM` or :class:`RectifiedFlow`.
-        seed: Base seed of the noise stream.
-        rank: Data-parallel rank.
+        seed: Base seed of the training randomness.
     """
 
-    def __init__(self, net: DiT, objective: EDM | RectifiedFlow, seed: int = 0, rank: int = 0) -> None:
+    def __init__(self, net: DiT, objective: EDM | RectifiedFlow, seed: int = 0) -> None:
         super().__init__()
         self.net = net
         self.objective = objective
-        self.noise = SeedStream(seed, rank)
+        self.seed = int(seed)
+        self.step = 0
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         x = batch["latent"].float()
-        gen = self.noise.next_generator(x.device)
-        return self.objective.training_loss(self.net, x, batch["label"], self.net.null_label, generator=gen)
+        ids = batch["id"]
+        seeds = sample_seeds(self.seed, self.step, ids.tolist() if torch.is_tensor(ids) else ids)
+        routing = [mix_seed(s, ROUTING_SALT) for s in seeds]
+
+        def net(x_in: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.net(x_in, t, y, routing_seed=routing)
+
+        return self.objective.training_loss(net, x, batch["label"], self.net.null_label, sample_seeds=seeds)
 
     def loss(self, outputs: torch.Tensor, batch: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         return outputs
 
-    def eval_forward(self, batch: dict[str, torch.Tensor], outputs: Any | None = None) -> torch.Tensor:
+    def eval_forward(self, batch: dict[str, Any], outputs: Any | None = None) -> torch.Tensor:
         return outputs if outputs is not None else self.forward(batch)
 
     def get_metrics(self, is_train: bool = False) -> dict:
