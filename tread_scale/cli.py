@@ -1,4 +1,4 @@
-"""The ``tread-scale`` command: ``convert``, ``train``, ``sample``."""
+"""The ``tread-scale`` command: ``convert``, ``train``, ``sample``, ``dry-run``."""
 
 from __future__ import annotations
 
@@ -120,6 +120,23 @@ def _run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_dry_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dry-run", help="validate a config and sharding plan; parameters, FLOPs, memory per GPU")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value")
+    p.add_argument("--world-size", type=int, required=True, help="total ranks (GPUs)")
+    p.add_argument("--gpu-memory", help="memory per GPU to check against, e.g. 80GB")
+
+
+def _run_dry_run(args: argparse.Namespace) -> int:
+    from tread_scale.config import load_config
+    from tread_scale.parallel.plan import dry_run
+
+    report = dry_run(load_config(args.config, args.overrides), args.world_size, args.gpu_memory)
+    sys.stdout.write(report + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tread-scale", description=__doc__)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -127,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_train(sub)
     _add_sample(sub)
+    _add_dry_run(sub)
     return parser
 
 
@@ -134,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``tread-scale``; returns the exit code (2 for a clear user error)."""
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    runners = {"convert": _run_convert, "train": _run_train, "sample": _run_sample}
+    runners = {"convert": _run_convert, "train": _run_train, "sample": _run_sample, "dry-run": _run_dry_run}
     try:
         return runners[args.command](args)
     except TreadScaleError as e:

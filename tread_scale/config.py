@@ -139,6 +139,59 @@ class DataConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """FSDP2 (Composer's ``FSDP2Config``): parameters, gradients and optimizer state sharded over ranks.
+
+    ``reshard_after_forward: true`` frees gathered parameters after each unit's forward (ZeRO-3 memory);
+    ``false`` keeps them until backward (ZeRO-2-like: less communication, more memory). Wrap units are
+    each DiT block, each embedder and the final layer. ``mixed_precision: default`` computes in the
+    training precision with fp32 gradient reduction (bf16 params, fp32 reduce under ``amp_bf16``); ``pure``
+    also reduces in low precision; ``full`` keeps everything fp32. ``replicate: R`` builds an HSDP mesh of
+    R replicas × (world_size / R) shards (e.g. R = number of nodes).
+    """
+
+    reshard_after_forward: bool = True
+    mixed_precision: Literal["default", "pure", "full"] = "default"
+    state_dict_type: Literal["sharded", "full"] = "sharded"
+    replicate: int = 1
+
+
+@dataclass
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO, integrated by tread_scale (Composer 0.28+ has none).
+
+    ``offload_optimizer`` keeps optimizer state (and its step) on the CPU; ``offload_params`` (stage 3 only)
+    keeps parameters there too. Bucket sizes are in elements. Gradient clipping comes from
+    ``optimizer.grad_clip_norm``; bf16 from ``train.precision``.
+    """
+
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+
+
+@dataclass
+class ParallelismConfig:
+    """How the model is replicated or sharded over ranks: ``ddp``, ``fsdp`` or ``deepspeed``.
+
+    ``activation_checkpointing`` recomputes each DiT block in backward (any backend); the routed token
+    subsets are drawn before the first block, so recomputation sees the same subsets. Only the section of
+    the chosen backend may be given.
+    """
+
+    backend: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    activation_checkpointing: bool = False
+    fsdp: FSDPConfig | None = None
+    deepspeed: DeepSpeedConfig | None = None
+
+
+@dataclass
 class TrainConfig:
     """Loop, precision, devices and checkpoints."""
 
@@ -185,11 +238,16 @@ class WandbConfig:
 
 @dataclass
 class LoggingConfig:
-    """Console, progress bar and loggers."""
+    """Console, progress bar and loggers.
+
+    ``metrics_interval``: batches between records of ``<run_dir>/metrics.jsonl`` (global mean loss,
+    samples/s, wall-clock), the file that curves are drawn from.
+    """
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     progress_bar: bool = True
     console_interval: str = "50ba"
+    metrics_interval: int = 10
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -212,6 +270,7 @@ class RunConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -268,7 +327,37 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"run_name must be a non-empty name without '/', got {cfg.run_name!r}")
     if cfg.sampling.num_images < 1 or cfg.sampling.steps < 1:
         raise ConfigError("sampling.num_images and sampling.steps must be >= 1")
+    validate_parallelism(cfg.parallelism)
     return cfg
+
+
+def validate_parallelism(p: ParallelismConfig, world_size: int | None = None) -> None:
+    """Check the sharding plan (and, given a world size, its mesh).
+
+    Raises:
+        ConfigError: Naming the offending key.
+    """
+    for other in ("fsdp", "deepspeed"):
+        if other != p.backend and getattr(p, other) is not None:
+            raise ConfigError(f"parallelism.{other} is set but parallelism.backend is {p.backend!r}; "
+                              f"remove the parallelism.{other} section or set parallelism.backend={other}")
+    if p.backend == "deepspeed":
+        ds = p.deepspeed or DeepSpeedConfig()
+        if ds.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"parallelism.deepspeed.zero_stage must be 1, 2 or 3, got {ds.zero_stage}")
+        if ds.offload_params and ds.zero_stage != 3:
+            raise ConfigError(f"parallelism.deepspeed.offload_params needs zero_stage 3 (got {ds.zero_stage}): "
+                              "only ZeRO-3 partitions parameters")
+        for key in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size"):
+            if getattr(ds, key) < 1:
+                raise ConfigError(f"parallelism.deepspeed.{key} must be >= 1, got {getattr(ds, key)}")
+    if p.backend == "fsdp":
+        fs = p.fsdp or FSDPConfig()
+        if fs.replicate < 1:
+            raise ConfigError(f"parallelism.fsdp.replicate must be >= 1, got {fs.replicate}")
+        if world_size is not None and world_size % fs.replicate:
+            raise ConfigError(f"parallelism.fsdp.replicate={fs.replicate} does not divide the world size "
+                              f"{world_size}: the HSDP mesh needs replicate x shard = world size")
 
 
 def config_from_dict(data: dict) -> RunConfig:

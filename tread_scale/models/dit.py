@@ -208,6 +208,10 @@ class DiT(nn.Module):
         router.check_depth(self.depth)
         self.router = router
 
+    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
+        """FSDP wrap units: each block, each embedder and the final layer (read by Composer's FSDP2 policy)."""
+        return isinstance(module, (DiTBlock, PatchEmbed, TimestepEmbedder, LabelEmbedder, FinalLayer))
+
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, N, p·p·C)`` tokens → ``(B, C, H, W)``."""
         b = x.shape[0]

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from tread_scale.config import RunConfig, dump_config
+from tread_scale.config import FSDPConfig, DeepSpeedConfig, RunConfig, dump_config, validate_parallelism
 from tread_scale.config_schema import to_dict
 from tread_scale.data import object_store as s3
 from tread_scale.data.metadata import LatentMetadata, check_against_model, read_metadata
@@ -154,6 +154,7 @@ def build_trainer(cfg: RunConfig):
     from tread_scale.trainer.ema import EMA
     from tread_scale.trainer.ema_export import EMAExport
     from tread_scale.trainer.model import DiffusionModel
+    from tread_scale.trainer.metrics_log import MetricsLog
     from tread_scale.trainer.train_step import TrainStep
     from tread_scale.trainer.sample_grid import SampleGrid
     from tread_scale.trainer.tread_algorithm import TREADRouting
@@ -165,19 +166,24 @@ def build_trainer(cfg: RunConfig):
     dist.initialize_dist(get_device(device), timeout=300.0)
     world, rank = dist.get_world_size(), dist.get_global_rank()
     batch = per_rank_batch(cfg, world)
+    par = cfg.parallelism
+    validate_parallelism(par, world)
+    microbatch = cfg.train.device_microbatch_size or batch
+    if batch % microbatch:
+        raise ConfigError(f"train.device_microbatch_size={microbatch} does not divide the per-rank batch {batch}")
     run_dir = cfg.run_dir
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(redact(dump_config(cfg)))
-    if dist.get_local_rank() == 0:
-        clean_stale_shared_memory()
-    dist.barrier()
-    log.info("run %s: world size %d, %d samples per rank per batch, device %s, precision %s", cfg.run_name, world,
-             batch, device, precision)
+    clean_stale_shared_memory()  # collective: local rank 0 cleans while the others wait
+    log.info("run %s: %s over %d rank(s), %d samples per rank per batch (micro-batch %d), device %s, precision %s"
+             "%s", cfg.run_name, par.backend, world, batch, microbatch, device, precision,
+             ", activation checkpointing per block" if par.activation_checkpointing else "")
 
     loader = build_dataloader(cfg, meta, batch)
     reproducibility.seed_all(cfg.seed)  # identical initial weights on every rank and every run
     net = build_dit(cfg.model)
+    net.grad_checkpointing = par.activation_checkpointing
     model = DiffusionModel(net, build_objective(cfg.objective), seed=cfg.seed)
     fused = cfg.optimizer.fused if cfg.optimizer.fused is not None else device == "gpu"
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
@@ -185,7 +191,7 @@ def build_trainer(cfg: RunConfig):
     algorithms = []
     if cfg.routes:
         algorithms.append(TREADRouting(cfg.routes, seed=cfg.routing_seed))
-    if cfg.optimizer.grad_clip_norm is not None:
+    if cfg.optimizer.grad_clip_norm is not None and par.backend != "deepspeed":  # DeepSpeed clips in its step
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=cfg.optimizer.grad_clip_norm))
 
     ema = EMA(cfg.ema.decay) if cfg.ema.enabled else None
@@ -200,7 +206,21 @@ def build_trainer(cfg: RunConfig):
         cfg_scale=cfg.sampling.cfg_scale, seed=cfg.sampling.seed, decode=_make_decoder(cfg, meta),
         at_fit_end=cfg.sampling.at_fit_end, sigma_data=cfg.objective.sigma_data,
     )
-    callbacks = [c for c in (TrainStep(), ema, export, grid) if c is not None]
+    metrics = MetricsLog(run_dir / "metrics.jsonl", interval=cfg.logging.metrics_interval)
+    callbacks = [c for c in (TrainStep(), ema, export, grid, metrics) if c is not None]
+    trainer_cls, extra = Trainer, {}
+    if par.backend == "fsdp":
+        from tread_scale.parallel.fsdp import fsdp2_config
+
+        extra["parallelism_config"] = {"fsdp": fsdp2_config(par.fsdp or FSDPConfig())}
+    elif par.backend == "deepspeed":
+        from tread_scale.parallel.deepspeed import DeepSpeedCheckpoint, DeepSpeedTrainer, deepspeed_config
+
+        trainer_cls = DeepSpeedTrainer
+        extra["deepspeed_config"] = deepspeed_config(par.deepspeed or DeepSpeedConfig(), microbatch, world, precision,
+                                                     cfg.optimizer.grad_clip_norm, device)
+        callbacks.insert(0, DeepSpeedCheckpoint(ckpt, run_dir / "deepspeed", cfg.train.save_interval,
+                                                cfg.train.save_num_checkpoints_to_keep))
 
     loggers = []
     if cfg.logging.wandb.enabled:
@@ -211,7 +231,7 @@ def build_trainer(cfg: RunConfig):
                                               name=cfg.run_name, tags=list(w.tags),
                                               init_kwargs={"config": to_dict(cfg), "dir": str(run_dir)}))
 
-    trainer = Trainer(
+    trainer = trainer_cls(
         model=model,
         train_dataloader=loader,
         max_duration=cfg.train.max_duration,
@@ -226,13 +246,14 @@ def build_trainer(cfg: RunConfig):
         autoresume=cfg.train.autoresume,
         device=device,
         precision=precision,
-        device_train_microbatch_size=cfg.train.device_microbatch_size or batch,
+        device_train_microbatch_size=microbatch,
         seed=cfg.seed,
         deterministic_mode=cfg.train.deterministic,
         progress_bar=cfg.logging.progress_bar,
         log_to_console=not cfg.logging.progress_bar,
         console_log_interval=cfg.logging.console_interval,
         python_log_level=None,
+        **extra,
     )
     return trainer, {"ema": ema, "export": export, "grid": grid}
 

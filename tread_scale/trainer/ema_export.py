@@ -13,7 +13,8 @@ from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
 
 from tread_scale.data import object_store as s3
-from tread_scale.trainer.ema import EMA, _full
+from tread_scale.parallel.params import full_state_dict
+from tread_scale.trainer.ema import EMA
 from tread_scale.trainer.utils import dit_of
 from tread_scale.weights import save_weights
 
@@ -51,7 +52,7 @@ class EMAExport(Callback):
         if self.ema is not None:
             weights = self.ema.full_state_dict(state)
         else:
-            weights = {n: _full(t) for n, t in dit_of(state.model).state_dict().items()}
+            weights = full_state_dict(dit_of(state.model))
         if dist.get_global_rank() != 0:
             return None
         step = int(state.timestamp.batch)

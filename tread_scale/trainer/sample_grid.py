@@ -17,7 +17,8 @@ from tread_scale.diffusion.guidance import Guidance
 from tread_scale.imaging import make_grid, save_png, to_uint8
 from tread_scale.models.dit import DiT
 from tread_scale.sampling import sample_latents, seeded_noise
-from tread_scale.trainer.ema import EMA, _full
+from tread_scale.parallel.params import full_state_dict
+from tread_scale.trainer.ema import EMA
 from tread_scale.trainer.utils import dit_of
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class SampleGrid(Callback):
         if self.ema is not None:
             weights = self.ema.full_state_dict(state)
         else:
-            weights = {n: _full(t) for n, t in dit_of(state.model).state_dict().items()}
+            weights = full_state_dict(dit_of(state.model))
         if dist.get_global_rank() != 0:
             return None
         device = next(dit_of(state.model).parameters()).device

@@ -1,0 +1,42 @@
+"""Run training as real processes: ``composer -n N launch.py`` (gloo on CPU), as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import REPO
+
+
+def launch(cfg: dict, nprocs: int, tmp_path: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Train ``cfg`` on ``nprocs`` processes and return the finished process (asserting success)."""
+    cfg_path = tmp_path / f"cfg-{cfg['run_name']}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    if nprocs == 1:
+        cmd = [sys.executable, str(REPO / "launch.py"), str(cfg_path), *overrides]
+    else:
+        composer = Path(sys.executable).with_name("composer")
+        from composer.utils import get_free_tcp_port
+
+        cmd = [str(composer), "-n", str(nprocs), "--master_port", str(get_free_tcp_port()),
+               str(REPO / "launch.py"), str(cfg_path), *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    log = tmp_path / f"{cfg['run_name']}-{len(list(tmp_path.glob('*.log')))}.log"
+    log.write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, f"training failed ({' '.join(cmd)}):\n{(proc.stdout + proc.stderr)[-6000:]}"
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Global mean loss per step from ``metrics.jsonl`` (the last record of a step wins)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["loss"]
+    return out

@@ -1,0 +1,223 @@
+"""``tread-scale dry-run``: check a config and sharding plan, count parameters and FLOPs, estimate memory.
+
+Everything is derived without a GPU: the model is built on the meta device. The memory model (bytes per
+rank) is deliberately explicit so that each term can be checked:
+
+* parameters, gradients, AdamW moments (2 per parameter) and the EMA copy, each divided by the number of
+  ranks that share it under the chosen backend (DDP: none; FSDP: the shard group; ZeRO-1: optimizer and
+  master weights; ZeRO-2: also gradients; ZeRO-3: also parameters);
+* working copies that sharded backends gather for compute (the largest FSDP unit, twice with prefetch,
+  or every unit when parameters are not resharded after forward; DeepSpeed's stage-3 prefetch bucket);
+* activations saved for backward at the micro-batch size: per block and token, ``ACT_FP32`` values of
+  width D that stay in fp32 under autocast (LayerNorm inputs, modulated activations: the residual stream
+  is fp32) and ``ACT_LOWP`` values in the compute dtype (q, k, v, attention output, linear inputs, the two
+  4D MLP activations, …), counted on our block and checked against measured saved tensors in
+  ``tests/parallel/test_plan.py``; plus the pre-route sequence each route keeps alive; with activation
+  checkpointing only block inputs plus one block's activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tread_scale.config import DeepSpeedConfig, FSDPConfig, RunConfig, validate_parallelism
+from tread_scale.errors import ConfigError
+from tread_scale.factory import build_dit
+from tread_scale.models.dit import DiT
+from tread_scale.routing.flops import block_flops
+from tread_scale.routing.routes import resolve_routes
+from tread_scale.routing.tokens import num_kept
+
+#: Values of width D saved for backward per token and block: kept in fp32 under autocast (2 LayerNorm
+#: inputs, 2 modulated activations) and in the compute dtype (qkv input, q, k, v, attention output,
+#: projection input and output, fc1 input, the 4D MLP activations before and after GELU, fc2 output).
+ACT_FP32 = 4
+ACT_LOWP = 17
+GiB = 1024**3
+
+
+@dataclass
+class Flops:
+    """Forward FLOPs per image."""
+
+    blocks_dense: float
+    blocks_routed: float
+    other: float  # patch embedding, timestep/label embedding, final layer
+
+    @property
+    def dense(self) -> float:
+        return self.blocks_dense + self.other
+
+    @property
+    def routed(self) -> float:
+        return self.blocks_routed + self.other
+
+    @property
+    def train_dense(self) -> float:
+        return 3 * self.dense
+
+    @property
+    def train_routed(self) -> float:
+        return 3 * self.routed
+
+
+@dataclass
+class Memory:
+    """Estimated bytes per rank (device), and bytes per rank kept on the host (offload)."""
+
+    terms: dict[str, float] = field(default_factory=dict)
+    host: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return sum(self.terms.values())
+
+    @property
+    def training_state(self) -> float:
+        return sum(v for k, v in self.terms.items() if k in ("params", "grads", "optimizer", "master", "ema"))
+
+
+def model_flops(net: DiT, routes) -> Flops:
+    """Forward FLOPs per image, dense and with ``routes``."""
+    n, d, depth = net.num_tokens, net.hidden_size, net.depth
+    resolved = resolve_routes(routes, depth)
+    tokens = [n] * depth
+    for r in resolved:
+        for i in range(r.start, r.end + 1):
+            tokens[i] = num_kept(n, r.rate)
+    p, c = net.patch_size, net.in_channels
+    other = 2 * n * c * p * p * d  # patch embedding
+    other += 2 * (256 * d + d * d)  # timestep MLP
+    other += 2 * d * 2 * d + 2 * n * d * p * p * net.out_channels  # final adaLN and projection
+    dense = depth * block_flops(n, d, net.mlp_ratio)
+    routed = sum(block_flops(k, d, net.mlp_ratio) for k in tokens)
+    return Flops(dense, routed, other)
+
+
+def activation_bytes(net: DiT, routes, microbatch: int, compute_bytes: int, checkpointing: bool,
+                     include_recompute: bool = True) -> float:
+    """Peak bytes of activations saved for backward by one micro-batch (``compute_bytes``: 2 bf16, 4 fp32).
+
+    With ``checkpointing``, ``include_recompute=False`` gives only what the forward pass saves.
+    """
+    n, d, depth = net.num_tokens, net.hidden_size, net.depth
+    tokens = [n] * depth
+    resolved = resolve_routes(routes, depth)
+    for r in resolved:
+        for i in range(r.start, r.end + 1):
+            tokens[i] = num_kept(n, r.rate)
+    per_token = ACT_FP32 * 4 + ACT_LOWP * compute_bytes
+    per_block = [per_token * k * d for k in tokens]
+    if checkpointing:
+        # forward keeps only block inputs (fp32 residual stream); backward recomputes one block at a time
+        total = sum(4 * k * d for k in tokens) + (max(per_block) if include_recompute else 0)
+    else:
+        total = sum(per_block)
+    total += 4 * len(resolved) * n * d  # the saved pre-route sequence of each route
+    total += 4 * 4 * n * d  # embedding output, final LayerNorm input and modulation
+    return microbatch * total
+
+
+def estimate_memory(cfg: RunConfig, net: DiT, world_size: int, microbatch: int, gpu: bool) -> Memory:
+    """Bytes per rank for ``cfg``'s backend (see the module docstring)."""
+    p_count = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    precision = cfg.train.precision
+    bf16 = precision == "amp_bf16" or (precision == "auto" and gpu)
+    compute = 2 if bf16 else 4
+    par = cfg.parallelism
+    mem = Memory()
+    act = activation_bytes(net, cfg.routes, microbatch, compute, par.activation_checkpointing)
+    unit = max(sum(p.numel() for p in b.parameters()) for b in net.blocks)
+    if par.backend == "ddp":
+        mem.terms.update(params=4 * p_count, grads=4 * p_count, optimizer=8 * p_count, ema=4 * p_count,
+                         ddp_buckets=4 * p_count)
+    elif par.backend == "fsdp":
+        fs = par.fsdp or FSDPConfig()
+        shard = world_size // fs.replicate
+        mem.terms.update(params=4 * p_count / shard, grads=4 * p_count / shard, optimizer=8 * p_count / shard,
+                         ema=4 * p_count / shard)
+        if fs.reshard_after_forward:
+            mem.terms["gathered_units"] = 2 * unit * (compute + 4)  # current + prefetched unit, params and grads
+        else:
+            mem.terms["gathered_units"] = p_count * compute + 2 * unit * 4
+    else:
+        ds = par.deepspeed or DeepSpeedConfig()
+        w = world_size
+        param_bytes = compute  # DeepSpeed keeps model weights in the training dtype
+        params = param_bytes * p_count / (w if ds.zero_stage == 3 else 1)
+        grads = param_bytes * p_count / (w if ds.zero_stage >= 2 else 1)
+        master = 4 * p_count / w  # fp32 partition the optimizer steps on (a copy even in fp32)
+        optimizer = 8 * p_count / w
+        ema = 4 * p_count / (w if ds.zero_stage == 3 else 1)
+        mem.terms.update(params=params, grads=grads, master=master, optimizer=optimizer, ema=ema)
+        if ds.zero_stage == 3:
+            mem.terms["gathered_units"] = min(ds.stage3_prefetch_bucket_size, p_count) * param_bytes + 2 * unit * param_bytes
+        mem.terms["buckets"] = min(ds.reduce_bucket_size, p_count) * 4
+        if ds.offload_optimizer:
+            mem.host["master"] = mem.terms.pop("master")
+            mem.host["optimizer"] = mem.terms.pop("optimizer")
+        if ds.offload_params:
+            mem.host["params"] = mem.terms.pop("params")
+    mem.terms["activations"] = act
+    return mem
+
+
+def parse_bytes(text: str) -> float:
+    """``80GB`` / ``80GiB`` / ``141gb`` → bytes (GB and GiB both read as 2^30, as GPU vendors quote)."""
+    t = text.strip().lower().replace(" ", "")
+    for suffix in ("gib", "gb", "g"):
+        if t.endswith(suffix):
+            return float(t[: -len(suffix)]) * GiB
+    raise ConfigError(f"--gpu-memory {text!r}: expected a size such as 80GB")
+
+
+def dry_run(cfg: RunConfig, world_size: int, gpu_memory: str | None = None) -> str:
+    """Validate ``cfg`` for ``world_size`` ranks and return a human-readable report.
+
+    Raises:
+        ConfigError: For a plan that cannot run (batch split, mesh, ZeRO options, …).
+    """
+    if world_size < 1:
+        raise ConfigError(f"--world-size must be >= 1, got {world_size}")
+    validate_parallelism(cfg.parallelism, world_size)
+    gbs = cfg.train.global_batch_size
+    if gbs % world_size:
+        raise ConfigError(f"train.global_batch_size={gbs} is not divisible by the world size {world_size}")
+    per_rank = gbs // world_size
+    microbatch = cfg.train.device_microbatch_size or per_rank
+    if per_rank % microbatch:
+        raise ConfigError(f"train.device_microbatch_size={microbatch} does not divide the per-rank batch {per_rank}")
+    with torch.device("meta"):
+        net = build_dit(cfg.model)
+    params = sum(p.numel() for p in net.parameters())
+    flops = model_flops(net, cfg.routes)
+    gpu = gpu_memory is not None or cfg.train.device == "gpu"
+    mem = estimate_memory(cfg, net, world_size, microbatch, gpu)
+    size, patch = cfg.model.size()
+    lines = [
+        f"model         {cfg.model.name or 'custom'}: depth {size.depth}, width {size.hidden_size}, "
+        f"{size.num_heads} heads, patch {patch}, {net.num_tokens} tokens of {cfg.model.in_channels}x"
+        f"{cfg.model.input_size}x{cfg.model.input_size} latents",
+        f"parameters    {params:,} ({params / 1e6:.1f}M)",
+        f"routes        " + (", ".join(f"{r.start}->{r.end} @ {r.rate}" for r in resolve_routes(cfg.routes, size.depth))
+                             or "none (dense)"),
+        f"FLOPs/image   forward {flops.dense / 1e9:.2f} GFLOP dense, {flops.routed / 1e9:.2f} GFLOP routed "
+        f"(x{flops.routed / flops.dense:.3f}; blocks alone x{flops.blocks_routed / flops.blocks_dense:.3f}); "
+        f"training (3x forward) {flops.train_dense / 1e9:.2f} / {flops.train_routed / 1e9:.2f} GFLOP",
+        f"plan          {cfg.parallelism.backend} over {world_size} rank(s): global batch {gbs}, {per_rank} per rank, "
+        f"micro-batch {microbatch}" + (", activation checkpointing" if cfg.parallelism.activation_checkpointing else ""),
+        "memory/rank   " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in mem.terms.items()) + " GiB",
+        f"              total {mem.total / GiB:.2f} GiB (training state {mem.training_state / GiB:.2f} GiB)"
+        + (("; on the host: " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in mem.host.items()) + " GiB") if mem.host else ""),
+    ]
+    if gpu_memory is not None:
+        cap = parse_bytes(gpu_memory)
+        verdict = "fits" if mem.total <= 0.9 * cap else "DOES NOT FIT"
+        lines.append(f"GPU memory    {cap / GiB:.0f} GiB per GPU: {verdict} ({100 * mem.total / cap:.0f}% of it; "
+                     "allocator fragmentation and CUDA context add roughly 10%)")
+    return "\n".join(lines)
+
+
+__all__ = ["dry_run", "estimate_memory", "model_flops", "activation_bytes", "Memory", "Flops"]
