@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# DeepSpeed JIT-compiles small ops on first use; keep them in the project, not in the home folder.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 STAMP  := $(VENV)/.installed
 S3RVER := .cache/s3rver/node_modules/.bin/s3rver
 
@@ -20,7 +22,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "tread_scale needs Python 3.11, found " + sys.version'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test]'
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test]'
 	touch $(STAMP)
 
 # s3rver (npm): a keep-alive, signature-checking S3 server that the tests run on 127.0.0.1.

@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """Per-rank peak memory of DDP, FSDP2 (reshard after forward) and DeepSpeed ZeRO-3 on 2 CPU ranks.
 
-One run trains the same model for 2 steps under each backend (``composer -n 2``, gloo), records every
-rank's peak resident memory above its baseline (after imports, before the model exists) and prints it
-next to ``tread-scale dry-run``'s estimate for the same plan, then the ratios to DDP.
+One run trains the same model for 3 steps under each backend (``composer -n 2``, gloo). Each rank records
+its resident memory after every backward pass and optimizer step (the training state is then live:
+parameters, gradients, optimizer state, EMA, activations), above its baseline taken after imports and
+before the model exists; set-up and checkpoint writing are excluded (freed set-up memory is handed back
+to the OS with ``malloc_trim`` when training starts). The peak over steps is printed next to
+``tread-scale dry-run``'s estimate for the same plan, then the ratios to DDP.
 
     python benchmarks/bench_memory.py --model B/2        # DiT-XL/2 and L/2 do not fit DDP x 2 in 24 GB
 
@@ -15,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -37,14 +39,34 @@ def rss_bytes() -> int:
 
 
 def worker(args: argparse.Namespace) -> int:
-    baseline = rss_bytes()
+    import ctypes
+
+    from composer.core import Callback
+
     from tread_scale.config import load_config
     from tread_scale.trainer.builder import build_trainer
 
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc_trim(0)
+    baseline = rss_bytes()
+
+    class StepMemory(Callback):
+        peak = 0
+
+        def fit_start(self, state, logger):
+            libc.malloc_trim(0)
+
+        def after_backward(self, state, logger):
+            StepMemory.peak = max(StepMemory.peak, rss_bytes())
+
+        def batch_end(self, state, logger):
+            StepMemory.peak = max(StepMemory.peak, rss_bytes())
+
     cfg = load_config(args.config, args.overrides)
     trainer, _ = build_trainer(cfg)
+    trainer.state.callbacks.insert(0, StepMemory())
     trainer.fit()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = StepMemory.peak
     trainer.close()
     rank = int(os.environ.get("RANK", "0"))
     with open(args.out, "a") as f:
@@ -82,7 +104,7 @@ def main(argv=None) -> int:
     cfg = {"run_name": "mem", "output_dir": str(tmp / "runs"), "model": {"name": f"DiT-{args.model}"},
            "routing": {"routes": [{"rate": 0.5, "start": 2, "end": -4}]},
            "data": {"remote": str(tmp / "mds"), "num_workers": 0},
-           "train": {"max_duration": "2ba", "global_batch_size": 2, "device": "cpu", "precision": "fp32",
+           "train": {"max_duration": "3ba", "global_batch_size": 2, "device": "cpu", "precision": "fp32",
                      "save_interval": "1000ba", "autoresume": False},
            "sampling": {"every": None, "at_fit_end": False}, "logging": {"progress_bar": False}}
     cfg_path = tmp / "cfg.yaml"

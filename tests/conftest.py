@@ -15,6 +15,28 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+
+def _shm_files() -> set[str]:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.iterdir()} if shm.is_dir() else set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_strays():
+    """After the whole session: no child process left running and no new file left in /dev/shm."""
+    import psutil
+
+    before = _shm_files()
+    yield
+    me = psutil.Process()
+    children = [c for c in me.children(recursive=True) if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    for c in children:
+        c.kill()
+    leftover = sorted(_shm_files() - before)
+    assert not children, f"stray processes after the tests: {[(c.pid, c.name()) for c in children]}"
+    assert not leftover, f"files left in /dev/shm after the tests: {leftover[:10]}"
 
 
 @pytest.fixture(autouse=True)

@@ -43,3 +43,12 @@ def test_deepspeed_config_maps_our_keys():
     assert deepspeed_config(DeepSpeedConfig(zero_stage=1), 4, 2, "fp32", 1.0, "cpu")["zero_optimization"]["overlap_comm"] is False
     with pytest.raises(ConfigError, match="not amp_fp16"):
         deepspeed_config(DeepSpeedConfig(), 4, 2, "amp_fp16", None, "gpu")
+
+
+def test_hsdp_config_asks_composer_for_a_2d_mesh():
+    from tread_scale.parallel.fsdp import fsdp2_config
+
+    cfg = fsdp2_config(FSDPConfig(replicate=2, reshard_after_forward=False, mixed_precision="pure"))
+    assert cfg.data_parallel_replicate_degree == 2 and cfg.data_parallel_shard_degree == -1
+    assert cfg.reshard_after_forward is False and cfg.mixed_precision == "PURE"
+    assert fsdp2_config(FSDPConfig()).data_parallel_replicate_degree is None
