@@ -7,7 +7,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 STAMP  := $(VENV)/.installed
 S3RVER := .cache/s3rver/node_modules/.bin/s3rver
 
-.PHONY: demo test venv s3rver bench clean
+.PHONY: demo test venv s3rver bench docker-lint docker-check clean
 
 # Run the demo end to end: embedded S3 server, demo dataset as MDS, TREAD training on CPU, samples.
 demo: $(STAMP)
@@ -31,6 +31,13 @@ s3rver: $(S3RVER)
 $(S3RVER):
 	mkdir -p .cache/s3rver
 	cd .cache/s3rver && npm install --no-audit --no-fund --silent --no-save s3rver@3.7.1
+
+# Dockerfile: hadolint (from the pinned venv), then a real build with buildah and a smoke run in the image.
+docker-lint: $(STAMP)
+	$(VENV)/bin/hadolint --no-color Dockerfile
+
+docker-check: docker-lint
+	scripts/docker_build_check.sh
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_step.py --model B/2

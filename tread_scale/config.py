@@ -193,7 +193,11 @@ class ParallelismConfig:
 
 @dataclass
 class TrainConfig:
-    """Loop, precision, devices and checkpoints."""
+    """Loop, precision, devices and checkpoints.
+
+    ``preemption_flag``: a file whose appearance makes every rank checkpoint and stop (the Slurm scripts
+    set it; SIGUSR1/SIGTERM to a training process do the same).
+    """
 
     max_duration: str = "400000ba"
     global_batch_size: int = 256
@@ -205,6 +209,7 @@ class TrainConfig:
     save_num_checkpoints_to_keep: int = -1
     autoresume: bool = True
     deterministic: bool = False
+    preemption_flag: str | None = None
 
 
 @dataclass

@@ -151,14 +151,17 @@ def build_trainer(cfg: RunConfig):
     from composer.utils import dist, get_device, reproducibility
     from streaming.base.util import clean_stale_shared_memory
 
+    from tread_scale.trainer import composer_patches
     from tread_scale.trainer.ema import EMA
     from tread_scale.trainer.ema_export import EMAExport
     from tread_scale.trainer.model import DiffusionModel
     from tread_scale.trainer.metrics_log import MetricsLog
+    from tread_scale.trainer.preemption import Preemption
     from tread_scale.trainer.train_step import TrainStep
     from tread_scale.trainer.sample_grid import SampleGrid
     from tread_scale.trainer.tread_algorithm import TREADRouting
 
+    composer_patches.apply()
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     meta = _prepare_data_access(cfg)
@@ -208,6 +211,7 @@ def build_trainer(cfg: RunConfig):
     )
     metrics = MetricsLog(run_dir / "metrics.jsonl", interval=cfg.logging.metrics_interval)
     callbacks = [c for c in (TrainStep(), ema, export, grid, metrics) if c is not None]
+    callbacks.append(Preemption(cfg.train.preemption_flag))
     trainer_cls, extra = Trainer, {}
     if par.backend == "fsdp":
         from tread_scale.parallel.fsdp import fsdp2_config

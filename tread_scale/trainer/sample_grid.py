@@ -71,7 +71,9 @@ class SampleGrid(Callback):
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
         due = event == Event.BATCH_END and self._due is not None and self._due(state, event)
-        final = event == Event.FIT_END and self.at_fit_end and int(state.timestamp.batch) != self._last_batch
+        completed = state.max_duration is not None and state.timestamp >= state.max_duration  # not a preemption stop
+        final = (event == Event.FIT_END and self.at_fit_end and completed
+                 and int(state.timestamp.batch) != self._last_batch)
         if due or final:
             self._last_batch = int(state.timestamp.batch)
             self.generate(state, logger)

@@ -1,0 +1,1 @@
+"""Cluster helpers used by the Slurm recipes and the container entrypoint."""
