@@ -1,4 +1,5 @@
-"""The ``tread-scale`` command: ``convert``, ``train``, ``sample``, ``dry-run``."""
+"""The ``tread-scale`` command: ``convert``, ``train``, ``sample``, ``dry-run``, ``fid``, ``export``,
+``import-dit``, ``plot``."""
 
 from __future__ import annotations
 
@@ -94,6 +95,31 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num", type=int, default=16, help="number of samples")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--labels", help="comma-separated labels (default: cycle through the classes)")
+    _add_guidance_args(p)
+
+
+def _guidance(args: argparse.Namespace):
+    from tread_scale.diffusion.guidance import Guidance
+
+    return Guidance(cfg_scale=args.cfg_scale, tread_scale=args.tread_scale, strong_rate=args.strong_rate,
+                    weak_rate=args.weak_rate, tread_drop_label=args.tread_drop_label,
+                    interval=tuple(args.interval) if args.interval else None)
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from tread_scale.evaluation.generate import init_distributed_from_env
+    from tread_scale.sample_cli import sample_to_folder
+
+    init_distributed_from_env()
+    labels = [int(x) for x in args.labels.split(",")] if args.labels else None
+    out = sample_to_folder(args.weights, args.out, num=args.num, seed=args.seed, labels=labels, steps=args.steps,
+                           guidance=_guidance(args), vae=args.vae, batch_size=args.batch_size, device=args.device)
+    if out:
+        log.info("wrote %s and %s", out["grid"], out["npz"])
+    return 0
+
+
+def _add_guidance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="sampler steps (default: 40 for EDM-Heun, 50 for RF-Euler)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--tread-scale", type=float, help="TREAD guidance scale (off when not given)")
@@ -102,21 +128,70 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tread-drop-label", action="store_true", help="null label in TREAD branches (reference bug)")
     p.add_argument("--interval", type=float, nargs=2, metavar=("LOW", "HIGH"), help="guide only within this σ/t range")
     p.add_argument("--vae", help="local AutoencoderKL folder to decode latents")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (keep it fixed to compare runs)")
     p.add_argument("--device", default="auto")
 
 
-def _run_sample(args: argparse.Namespace) -> int:
-    from tread_scale.diffusion.guidance import Guidance
-    from tread_scale.sample_cli import sample_to_folder
+def _add_fid(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fid", help="FID (and sFID, IS, precision/recall) of generated samples, across ranks")
+    p.add_argument("weights", help="a .safetensors file written by training (ema/), or a run folder")
+    p.add_argument("--inception", required=True, help="local FID Inception weights (.pth state dict or .safetensors)")
+    ref = p.add_mutually_exclusive_group(required=True)
+    ref.add_argument("--ref", help="reference statistics .npz (ADM format: mu, sigma)")
+    ref.add_argument("--ref-data", help="an MDS dataset (folder or s3://) to compute reference statistics from")
+    ref.add_argument("--ref-images", help="an image folder to compute reference statistics from")
+    p.add_argument("--ref-num", type=int, help="use at most this many reference images")
+    p.add_argument("--save-ref", help="write the computed reference statistics to this .npz")
+    p.add_argument("--num", type=int, default=50000, help="generated samples (50000 for reporting)")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    p.add_argument("--extra", action="store_true",
+                   help="also Inception Score, and precision/recall when the reference is data or images")
+    p.add_argument("--out", help="write the results as JSON here")
+    _add_guidance_args(p)
 
-    guidance = Guidance(cfg_scale=args.cfg_scale, tread_scale=args.tread_scale, strong_rate=args.strong_rate,
-                        weak_rate=args.weak_rate, tread_drop_label=args.tread_drop_label,
-                        interval=tuple(args.interval) if args.interval else None)
-    labels = [int(x) for x in args.labels.split(",")] if args.labels else None
-    out = sample_to_folder(args.weights, args.out, num=args.num, seed=args.seed, labels=labels, steps=args.steps,
-                           guidance=guidance, vae=args.vae, batch_size=args.batch_size, device=args.device)
-    log.info("wrote %s and %s", out["grid"], out["npz"])
+
+def _run_fid(args: argparse.Namespace) -> int:
+    import json
+
+    from tread_scale.diffusion.edm import EDM
+    from tread_scale.evaluation.fid import dataset_images, features_of, folder_images, scores
+    from tread_scale.evaluation.generate import generate, init_distributed_from_env, rank_indices, world
+    from tread_scale.evaluation.inception import load_inception
+    from tread_scale.evaluation.metrics import ReferenceStats
+    from tread_scale.sample_cli import load_net, make_decoder, resolve_device
+
+    init_distributed_from_env()
+    dev = resolve_device(args.device)
+    inception = load_inception(args.inception, dev)
+    net, meta = load_net(args.weights, dev)
+    decode = make_decoder(args.vae, meta, dev)
+    real = None
+    if args.ref:
+        ref = ReferenceStats.load(args.ref)
+    else:
+        if args.ref_data:
+            batches = dataset_images(args.ref_data, None, decode, dev, args.batch_size, args.ref_num)
+        else:
+            batches = folder_images(args.ref_images, net.input_size[0] * (8 if decode else 1), args.batch_size,
+                                    args.ref_num)
+        real = features_of(batches, inception, dev, keep=args.extra)
+        ref = real.reference()
+        if args.save_ref and world()[0] == 0:
+            ref.save(args.save_ref)
+    objective = meta["objective"]["kind"]
+    rank, world_size = world()
+    batches = (images for _, _, images, _ in generate(
+        net, objective, rank_indices(args.num, rank, world_size), seed=args.seed,
+        num_classes=int(meta["data"]["num_classes"]), steps=args.steps or (40 if objective == "edm" else 50),
+        guidance=_guidance(args), edm=EDM(sigma_data=float(meta["objective"].get("sigma_data", 0.5))), device=dev,
+        batch_size=args.batch_size, decode=decode))
+    fake = features_of(batches, inception, dev, keep=args.extra)
+    result = scores(fake, ref, real)
+    if rank == 0:
+        text = json.dumps(result, indent=2)
+        sys.stdout.write(text + "\n")
+        if args.out:
+            Path(args.out).write_text(text + "\n")
     return 0
 
 
@@ -137,6 +212,46 @@ def _run_dry_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="exported EMA weights -> diffusers DiTTransformer2DModel folder")
+    p.add_argument("weights", help="a .safetensors file written by training (ema/), or a run folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p = sub.add_parser("import-dit", help="a facebookresearch/DiT checkpoint -> our safetensors (for model.init_from)")
+    p.add_argument("checkpoint", help="DiT .pt (state dict, or training checkpoint with 'ema')")
+    p.add_argument("--model", required=True, help="registry name, e.g. DiT-XL/2")
+    p.add_argument("--out", required=True, help="output .safetensors")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--in-channels", type=int, default=4)
+    p = sub.add_parser("plot", help="loss and FID curves of runs against steps and wall-clock time (PNG)")
+    p.add_argument("runs", nargs="+", help="run folders (runs/<name>)")
+    p.add_argument("--out", required=True, help="output .png")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from tread_scale.export import export_diffusers
+    from tread_scale.sample_cli import resolve_weights
+
+    log.info("wrote %s", export_diffusers(resolve_weights(args.weights), args.out))
+    return 0
+
+
+def _run_import_dit(args: argparse.Namespace) -> int:
+    from tread_scale.export import import_facebook_dit
+
+    out = import_facebook_dit(args.checkpoint, args.out, args.model, args.num_classes, args.input_size,
+                              args.in_channels)
+    log.info("wrote %s (use it with model.init_from=%s)", out, out)
+    return 0
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from tread_scale.plot import plot_runs
+
+    log.info("wrote %s", plot_runs(args.runs, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tread-scale", description=__doc__)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -145,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_sample(sub)
     _add_dry_run(sub)
+    _add_fid(sub)
+    _add_export(sub)
     return parser
 
 
@@ -152,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``tread-scale``; returns the exit code (2 for a clear user error)."""
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    runners = {"convert": _run_convert, "train": _run_train, "sample": _run_sample, "dry-run": _run_dry_run}
+    runners = {"convert": _run_convert, "train": _run_train, "sample": _run_sample, "dry-run": _run_dry_run,
+               "fid": _run_fid, "export": _run_export, "import-dit": _run_import_dit, "plot": _run_plot}
     try:
         return runners[args.command](args)
     except TreadScaleError as e:

@@ -24,7 +24,8 @@ class ModelConfig:
     """The DiT to train.
 
     ``name`` picks a registry entry (``DiT-XL/2``); leave it null and give ``depth``, ``hidden_size``,
-    ``num_heads`` and ``patch_size`` for a custom size (tests, demos).
+    ``num_heads`` and ``patch_size`` for a custom size (tests, demos). ``init_from``: a ``.safetensors``
+    file (ours, or converted by ``tread-scale import-dit``) to start from instead of a fresh init.
     """
 
     name: str | None = "DiT-B/2"
@@ -37,6 +38,7 @@ class ModelConfig:
     input_size: int = 32
     num_classes: int = 1000
     init: Literal["adaln_zero", "xavier_all"] = "adaln_zero"
+    init_from: str | None = None
 
     def size(self) -> tuple[DiTSize, int]:
         """Resolve to ``(DiTSize, patch_size)``; explicit fields must agree with a named size."""
@@ -230,6 +232,29 @@ class SamplingConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """In-training evaluation (off unless an interval is set).
+
+    FID-k: every ``fid_every``, ``fid_num_samples`` EMA samples with fixed seeds against ``reference``
+    (ADM-style ``.npz``; ``tread-scale fid --save-ref`` makes one) using local Inception weights
+    ``inception``. Validation loss: every ``val_every``, the loss of ``val_num_samples`` fixed samples
+    with fixed noise at the noise levels ``val_levels`` (σ for EDM, t for rectified flow; default
+    0.1, 0.5, 1, 2 and 0.1, 0.3, 0.5, 0.7, 0.9).
+    """
+
+    fid_every: str | None = None
+    fid_num_samples: int = 5000
+    fid_steps: int = 40
+    fid_cfg_scale: float = 1.0
+    fid_batch_size: int = 32
+    inception: str | None = None
+    reference: str | None = None
+    val_every: str | None = None
+    val_num_samples: int = 64
+    val_levels: list[float] | None = None
+
+
+@dataclass
 class WandbConfig:
     """Weights & Biases logging. ``mode: offline`` needs no API key and no network."""
 
@@ -277,6 +302,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
@@ -333,6 +359,16 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.sampling.num_images < 1 or cfg.sampling.steps < 1:
         raise ConfigError("sampling.num_images and sampling.steps must be >= 1")
     validate_parallelism(cfg.parallelism)
+    ev = cfg.evaluation
+    if ev.fid_every is not None:
+        for key in ("inception", "reference"):
+            value = getattr(ev, key)
+            if not value:
+                raise ConfigError(f"evaluation.fid_every is set, so evaluation.{key} must name a local file")
+            if not Path(value).is_file():
+                raise ConfigError(f"evaluation.{key}: {value!r} does not exist")
+    if cfg.model.init_from is not None and not Path(cfg.model.init_from).is_file():
+        raise ConfigError(f"model.init_from: {cfg.model.init_from!r} does not exist")
     return cfg
 
 

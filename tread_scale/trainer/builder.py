@@ -140,6 +140,37 @@ def _make_decoder(cfg: RunConfig, meta: LatentMetadata):
     return _decode
 
 
+def _init_from(net, path: str) -> None:
+    from tread_scale.errors import CheckpointError
+    from tread_scale.weights import load_weights
+
+    weights, meta = load_weights(path)
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"model.init_from={path}: weights do not fit the configured model "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    log.info("initialised the model from %s (%s)", path, meta.get("source", meta.get("run_name", "")))
+
+
+def _evaluation_callbacks(cfg: RunConfig, meta: LatentMetadata, ema, dataset, decode, run_dir: Path) -> list:
+    from tread_scale.trainer.evaluation import FIDMonitor, ValidationLoss
+
+    ev, out = cfg.evaluation, []
+
+    def make_net():
+        return build_dit(cfg.model, cfg.routes, cfg.routing_seed)
+
+    if ev.fid_every:
+        out.append(FIDMonitor(make_net, ema, ev.inception, ev.reference, ev.fid_every, ev.fid_num_samples,
+                              cfg.objective.kind, ev.fid_steps, ev.fid_cfg_scale, meta.num_classes, decode,
+                              run_dir / "eval.jsonl", ev.fid_batch_size, cfg.objective.sigma_data))
+    if ev.val_every:
+        levels = ev.val_levels or ([0.1, 0.5, 1.0, 2.0] if cfg.objective.kind == "edm" else [0.1, 0.3, 0.5, 0.7, 0.9])
+        out.append(ValidationLoss(dataset, make_net, ema, build_objective(cfg.objective), levels, ev.val_every,
+                                  ev.val_num_samples, run_dir / "eval.jsonl"))
+    return out
+
+
 def build_trainer(cfg: RunConfig):
     """Everything for one run, checked before the first step: data access, shapes, devices, batch split.
 
@@ -187,6 +218,8 @@ def build_trainer(cfg: RunConfig):
     reproducibility.seed_all(cfg.seed)  # identical initial weights on every rank and every run
     net = build_dit(cfg.model)
     net.grad_checkpointing = par.activation_checkpointing
+    if cfg.model.init_from:
+        _init_from(net, cfg.model.init_from)
     model = DiffusionModel(net, build_objective(cfg.objective), seed=cfg.seed)
     fused = cfg.optimizer.fused if cfg.optimizer.fused is not None else device == "gpu"
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
@@ -202,15 +235,17 @@ def build_trainer(cfg: RunConfig):
     wmeta = weights_metadata(cfg, meta)
     export = EMAExport(ema, run_dir / "ema", cfg.train.save_interval, wmeta,
                        remote_dir=s3.join_uri(ckpt, "ema") if s3.is_s3(ckpt) else None)
+    decode = _make_decoder(cfg, meta)
     grid = SampleGrid(
         make_net=lambda: build_dit(cfg.model, cfg.routes, cfg.routing_seed),
         ema=ema, out_dir=run_dir / "samples", interval=cfg.sampling.every, objective=cfg.objective.kind,
         num_classes=meta.num_classes, num_images=cfg.sampling.num_images, steps=cfg.sampling.steps,
-        cfg_scale=cfg.sampling.cfg_scale, seed=cfg.sampling.seed, decode=_make_decoder(cfg, meta),
+        cfg_scale=cfg.sampling.cfg_scale, seed=cfg.sampling.seed, decode=decode,
         at_fit_end=cfg.sampling.at_fit_end, sigma_data=cfg.objective.sigma_data,
     )
     metrics = MetricsLog(run_dir / "metrics.jsonl", interval=cfg.logging.metrics_interval)
     callbacks = [c for c in (TrainStep(), ema, export, grid, metrics) if c is not None]
+    callbacks += _evaluation_callbacks(cfg, meta, ema, loader.dataset, decode, run_dir)
     callbacks.append(Preemption(cfg.train.preemption_flag))
     trainer_cls, extra = Trainer, {}
     if par.backend == "fsdp":

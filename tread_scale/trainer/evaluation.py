@@ -1,0 +1,184 @@
+"""In-training evaluation: FID-k with the EMA weights and fixed seeds, and a fixed-σ validation loss."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from composer.core import Callback, Event, State
+from composer.loggers import Logger
+from composer.utils import dist
+from composer.utils.misc import create_interval_scheduler
+
+from tread_scale.diffusion.edm import EDM
+from tread_scale.diffusion.guidance import Guidance
+from tread_scale.models.dit import DiT
+from tread_scale.parallel.params import full_state_dict
+from tread_scale.rng import mix_seed
+from tread_scale.trainer.ema import EMA
+from tread_scale.trainer.utils import dit_of
+
+log = logging.getLogger(__name__)
+
+
+def _append(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+class FIDMonitor(Callback):
+    """Every ``interval``, FID of ``num_samples`` EMA samples (seeds ``0..k-1``) against reference statistics.
+
+    Generation and Inception features are spread over all ranks (an unwrapped copy of the network per
+    rank); the result goes to the loggers as ``eval/fid`` and to ``<run>/eval.jsonl``.
+
+    Args:
+        make_net: Builds an unwrapped DiT of the trained architecture.
+        ema: EMA callback (raw weights if ``None``).
+        inception_path: Local FID Inception weights.
+        reference: ADM-style ``.npz`` of reference statistics.
+        interval: e.g. ``10000ba``.
+        num_samples: Samples per evaluation (5000 in the reference: FID-5K).
+        objective: ``edm`` or ``rf``; ``steps``, ``cfg_scale``: sampler settings.
+        num_classes: Labels are drawn per seed from ``0..num_classes-1``.
+        decode: Latents → images, or ``None`` for pixel-space data.
+        eval_file: ``eval.jsonl`` path.
+        batch_size: Samples per forward pass.
+    """
+
+    def __init__(self, make_net: Callable[[], DiT], ema: EMA | None, inception_path: str, reference: str,
+                 interval: str, num_samples: int, objective: str, steps: int, cfg_scale: float, num_classes: int,
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None, eval_file: str | Path,
+                 batch_size: int = 32, sigma_data: float = 0.5) -> None:
+        from tread_scale.evaluation.metrics import ReferenceStats
+
+        self.make_net = make_net
+        self.ema = ema
+        self.inception_path = inception_path
+        self.reference = ReferenceStats.load(reference)
+        self._due = create_interval_scheduler(interval, include_end_of_training=False, checkpoint_events=False)
+        self.num_samples = num_samples
+        self.objective = objective
+        self.steps = steps
+        self.cfg_scale = cfg_scale
+        self.num_classes = num_classes
+        self.decode = decode
+        self.eval_file = Path(eval_file)
+        self.batch_size = batch_size
+        self.sigma_data = sigma_data
+        self._net: DiT | None = None
+        self._inception = None
+
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.BATCH_END and self._due(state, event):
+            self.evaluate(state, logger)
+
+    @torch.no_grad()
+    def evaluate(self, state: State, logger: Logger) -> float:
+        from tread_scale.evaluation.fid import features_of, scores
+        from tread_scale.evaluation.generate import generate, rank_indices
+        from tread_scale.evaluation.inception import load_inception
+
+        t0 = time.time()
+        weights = self.ema.full_state_dict(state) if self.ema is not None else full_state_dict(dit_of(state.model))
+        device = next(dit_of(state.model).parameters()).device
+        if self._net is None:
+            self._net = self.make_net()
+            self._inception = load_inception(self.inception_path, device)
+        net = self._net.to(device)
+        net.load_state_dict(weights, strict=True)
+        rank, world_size = dist.get_global_rank(), dist.get_world_size()
+        batches = (images for _, _, images, _ in generate(
+            net, self.objective, rank_indices(self.num_samples, rank, world_size), seed=0,
+            num_classes=self.num_classes, steps=self.steps, guidance=Guidance(cfg_scale=self.cfg_scale),
+            edm=EDM(sigma_data=self.sigma_data), device=device, batch_size=self.batch_size, decode=self.decode))
+        result = scores(features_of(batches, self._inception, device), self.reference)
+        net.to("cpu")
+        step = int(state.timestamp.batch)
+        logger.log_metrics({"eval/fid": result["fid"]})
+        if rank == 0:
+            _append(self.eval_file, {"step": step, "fid": result["fid"], "num_samples": self.num_samples,
+                                     "seconds": round(time.time() - t0, 1)})
+            log.info("FID-%d at batch %d: %.3f (%.0f s)", self.num_samples, step, result["fid"], time.time() - t0)
+        return result["fid"]
+
+
+class ValidationLoss(Callback):
+    """Every ``interval``, the loss of fixed samples at a fixed grid of noise levels, with fixed noise.
+
+    Low-variance by construction: the same latents, labels, noise and σ (or t) every time, the EMA weights,
+    no label dropout, no routing. Each rank takes its share of ``num_samples`` dataset samples; the mean
+    is all-reduced. Logged as ``val/loss`` and ``val/loss@<level>``, and to ``<run>/eval.jsonl``.
+
+    Args:
+        dataset: The training dataset (indexable).
+        make_net: Builds an unwrapped DiT.
+        ema: EMA callback (raw weights if ``None``).
+        objective: The training objective (its ``loss_at``).
+        levels: σ values (EDM) or t values (rectified flow).
+        interval: e.g. ``1000ba``.
+        num_samples: Fixed samples (spread over ranks).
+        eval_file: ``eval.jsonl`` path.
+    """
+
+    def __init__(self, dataset, make_net: Callable[[], DiT], ema: EMA | None, objective, levels: list[float],
+                 interval: str, num_samples: int, eval_file: str | Path) -> None:
+        self.dataset = dataset
+        self.make_net = make_net
+        self.ema = ema
+        self.objective = objective
+        self.levels = [float(v) for v in levels]
+        self._due = create_interval_scheduler(interval, include_end_of_training=True, checkpoint_events=False,
+                                              final_events={Event.BATCH_END})
+        self.num_samples = num_samples
+        self.eval_file = Path(eval_file)
+        self._net: DiT | None = None
+        self._batch = None
+
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.BATCH_END and self._due(state, event):
+            self.evaluate(state, logger)
+
+    def _fixed_batch(self, device: torch.device):
+        if self._batch is None:
+            rank, world_size = dist.get_global_rank(), dist.get_world_size()
+            n = min(self.num_samples, len(self.dataset))
+            idx = list(range(rank, n, world_size))
+            items = [self.dataset[i] for i in idx]
+            x = torch.stack([it["latent"].float() for it in items])
+            y = torch.stack([it["label"] for it in items])
+            noise = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(mix_seed(0xE7A1, i)))
+                                 for i in idx])
+            self._batch = (x, y, noise)
+        return tuple(t.to(device) for t in self._batch)
+
+    @torch.no_grad()
+    def evaluate(self, state: State, logger: Logger) -> float:
+        weights = self.ema.full_state_dict(state) if self.ema is not None else full_state_dict(dit_of(state.model))
+        device = next(dit_of(state.model).parameters()).device
+        if self._net is None:
+            self._net = self.make_net()
+        net = self._net.to(device)
+        net.load_state_dict(weights, strict=True)
+        net.eval()
+        x, y, noise = self._fixed_batch(device)
+        sums = torch.zeros(len(self.levels) + 1, dtype=torch.float64, device=device)
+        for k, level in enumerate(self.levels):
+            lv = torch.full((x.shape[0],), level, device=device)
+            sums[k] = self.objective.loss_at(net, x, y, lv, noise).double().sum()
+        sums[-1] = x.shape[0]
+        dist.all_reduce(sums, reduce_operation="SUM")
+        per_level = (sums[:-1] / sums[-1]).tolist()
+        net.to("cpu")
+        mean = float(sum(per_level) / len(per_level))
+        metrics = {"val/loss": mean, **{f"val/loss@{lv:g}": v for lv, v in zip(self.levels, per_level)}}
+        logger.log_metrics(metrics)
+        if dist.get_global_rank() == 0:
+            _append(self.eval_file, {"step": int(state.timestamp.batch), "val_loss": mean,
+                                     "val_loss_by_level": dict(zip(map(str, self.levels), per_level))})
+        return mean
