@@ -13,9 +13,13 @@ S3RVER := .cache/s3rver/node_modules/.bin/s3rver
 demo: $(STAMP)
 	$(PY) -m tread_scale.devtools.demo
 
-# Run the test suite (starts its own s3rver on 127.0.0.1).
+# Run the test suite (starts its own s3rver on 127.0.0.1), then check that nothing was left in /dev/shm.
 test: $(STAMP) $(S3RVER)
+	@mkdir -p .cache && ls -1 /dev/shm > .cache/shm.before 2>/dev/null || true
 	$(PY) -m pytest -q -p no:cacheprovider
+	@ls -1 /dev/shm > .cache/shm.after 2>/dev/null || true
+	@if comm -13 .cache/shm.before .cache/shm.after | grep -q .; then \
+	  echo "files left in /dev/shm by the tests:"; comm -13 .cache/shm.before .cache/shm.after; exit 1; fi
 
 venv: $(STAMP)
 

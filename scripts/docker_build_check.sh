@@ -5,6 +5,8 @@
 # CUDA base is replaced (--build-arg BASE_IMAGE) by a local Debian 12 base made with mmdebstrap; every
 # other step of the Dockerfile runs as written. Then, inside the image: `tread-scale --help` and the
 # demo's first steps (embedded S3 server, MDS conversion, 2 training batches, sampling).
+# vfs storage copies the whole root filesystem per layer, so the build runs in one working container (no
+# --layers) and everything is removed afterwards: it needs about 25 GB of free disk while it runs.
 # On success it records the hash of the build inputs in docker/build.verified; `.ci/run` rebuilds only
 # when that hash no longer matches (the build downloads several GB and takes a while).
 #   scripts/docker_build_check.sh              # build + smoke run
@@ -39,11 +41,11 @@ if ! "${B[@]}" inspect --type image "$BASE" >/dev/null 2>&1; then
 fi
 TAG=localhost/tread-scale:check
 say "building $REPO/Dockerfile on $BASE"
-"${B[@]}" bud --layers --isolation chroot --pull=never --build-arg "BASE_IMAGE=$BASE" \
+"${B[@]}" bud --format docker --isolation chroot --pull=never --build-arg "BASE_IMAGE=$BASE" \
   -v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro \
   -f "$REPO/Dockerfile" -t "$TAG" "$REPO"
 c=$("${B[@]}" from --pull-never "$TAG")
-trap '"${B[@]}" rm "$c" >/dev/null 2>&1 || true' EXIT
+trap '"${B[@]}" rm "$c" >/dev/null 2>&1 || true; "${B[@]}" rmi -f "$TAG" >/dev/null 2>&1 || true' EXIT
 say "smoke run: tread-scale --help"
 "${B[@]}" run --isolation chroot --user 1000:1000 "$c" -- /opt/tread_scale/docker/entrypoint.sh --help | head -5
 say "smoke run: the demo's first steps"
