@@ -131,7 +131,7 @@ class DataConfig:
     predownload: int | None = None
     cache_limit: str | None = None
     download_timeout: float = 60.0
-    download_retry: int = 2
+    download_retry: int = 6
     validate_hash: str | None = None
     num_workers: int = 2
     worker_start_method: Literal["fork", "spawn", "forkserver"] = "fork"
@@ -198,7 +198,9 @@ class TrainConfig:
     """Loop, precision, devices and checkpoints.
 
     ``preemption_flag``: a file whose appearance makes every rank checkpoint and stop (the Slurm scripts
-    set it; SIGUSR1/SIGTERM to a training process do the same).
+    set it; SIGUSR1/SIGTERM to a training process do the same). ``nonfinite_loss``: on a NaN/Inf loss,
+    ``stop`` with a clear error (the last checkpoint stays the last good one) or ``skip`` the batch's update
+    (up to ``max_skipped_batches`` in a row; not with DeepSpeed).
     """
 
     max_duration: str = "400000ba"
@@ -212,6 +214,8 @@ class TrainConfig:
     autoresume: bool = True
     deterministic: bool = False
     preemption_flag: str | None = None
+    nonfinite_loss: Literal["stop", "skip"] = "stop"
+    max_skipped_batches: int = 10
 
 
 @dataclass
@@ -271,13 +275,15 @@ class LoggingConfig:
     """Console, progress bar and loggers.
 
     ``metrics_interval``: batches between records of ``<run_dir>/metrics.jsonl`` (global mean loss,
-    samples/s, wall-clock), the file that curves are drawn from.
+    samples/s, wall-clock), the file that curves are drawn from. ``sample_ledger`` records the sample ids
+    every rank consumed at every step in ``<run_dir>/ledger/`` (to audit resumption).
     """
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     progress_bar: bool = True
     console_interval: str = "50ba"
     metrics_interval: int = 10
+    sample_ledger: bool = False
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -359,6 +365,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.sampling.num_images < 1 or cfg.sampling.steps < 1:
         raise ConfigError("sampling.num_images and sampling.steps must be >= 1")
     validate_parallelism(cfg.parallelism)
+    if cfg.train.nonfinite_loss == "skip" and cfg.parallelism.backend == "deepspeed":
+        raise ConfigError("train.nonfinite_loss=skip is not supported with parallelism.backend=deepspeed "
+                          "(the engine owns the optimizer step); use stop")
     ev = cfg.evaluation
     if ev.fid_every is not None:
         for key in ("inception", "reference"):

@@ -16,10 +16,10 @@ def secret_values() -> list[str]:
 
 
 def redact(text: str) -> str:
-    """Replace every secret environment value found in ``text`` by ``***``."""
+    """Replace every secret environment value found in ``text`` by ``REDACTED``."""
     for value in secret_values():
         if value in text:
-            text = text.replace(value, "***")
+            text = text.replace(value, "REDACTED")
     return text
 
 

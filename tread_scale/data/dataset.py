@@ -17,7 +17,7 @@ import torch
 from streaming import StreamingDataset
 
 from tread_scale.data.metadata import parse_ndarray_encoding
-from tread_scale.errors import DatasetError, DatasetMismatchError
+from tread_scale.errors import DatasetError, DatasetMismatchError, ObjectStoreError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,14 @@ class LatentStreamingDataset(StreamingDataset):
     """
 
     def __init__(self, *, latent_shape: tuple[int, int, int], num_classes: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        import json
+
+        where = kwargs.get("remote") or kwargs.get("local")
+        try:
+            super().__init__(**kwargs)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{where}: index.json is truncated or corrupt ({e.msg} at line {e.lineno}); "
+                               "re-run the conversion (it resumes) or restore the file") from None
         self.latent_shape = tuple(latent_shape)
         self.num_classes = num_classes
         self._check_columns(kwargs.get("remote") or kwargs.get("local"))
@@ -72,7 +79,21 @@ class LatentStreamingDataset(StreamingDataset):
         return self.shards[shard_id].raw_data.basename
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
-        raw = super().get_item(sample_id, retry)
+        try:
+            raw = super().get_item(sample_id, retry)
+        except ValueError as e:
+            if "Checksum failure" in str(e):
+                raise DatasetError(f"shard {self.shard_name(sample_id)} is corrupt (checksum mismatch: {e}); delete "
+                                   "the cached copy, or re-convert the dataset if the source is corrupt") from None
+            raise
+        except (OSError, RuntimeError, TimeoutError) as e:
+            remote = next((s.remote for s in self.streams if s.remote), None)
+            if remote and str(remote).startswith("s3://"):
+                from tread_scale.data.object_store import describe_endpoint
+
+                raise ObjectStoreError(f"cannot fetch shard {self.shard_name(sample_id)} of {remote} from the S3 "
+                                       f"endpoint {describe_endpoint()} after retries: {type(e).__name__}: {e}") from e
+            raise
         latent = raw["latent"]
         label = int(raw["label"])
         if not 0 <= label < self.num_classes:

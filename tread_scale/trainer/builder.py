@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from dataclasses import dataclass
@@ -100,6 +101,13 @@ def build_dataloader(cfg: RunConfig, meta: LatentMetadata, batch_size: int) -> D
     )
 
 
+def redacted_config(cfg: RunConfig) -> dict:
+    """The config as a plain dict with secret environment values replaced by ``REDACTED`` (for loggers)."""
+    import yaml
+
+    return yaml.safe_load(redact(dump_config(cfg)))
+
+
 def weights_metadata(cfg: RunConfig, meta: LatentMetadata) -> dict:
     """What an exported weight file records so that it can be rebuilt and sampled on its own."""
     return {
@@ -187,6 +195,7 @@ def build_trainer(cfg: RunConfig):
     from tread_scale.trainer.ema_export import EMAExport
     from tread_scale.trainer.model import DiffusionModel
     from tread_scale.trainer.metrics_log import MetricsLog
+    from tread_scale.trainer.nonfinite import NonFiniteLossGuard
     from tread_scale.trainer.preemption import Preemption
     from tread_scale.trainer.train_step import TrainStep
     from tread_scale.trainer.sample_grid import SampleGrid
@@ -244,8 +253,13 @@ def build_trainer(cfg: RunConfig):
         at_fit_end=cfg.sampling.at_fit_end, sigma_data=cfg.objective.sigma_data,
     )
     metrics = MetricsLog(run_dir / "metrics.jsonl", interval=cfg.logging.metrics_interval)
-    callbacks = [c for c in (TrainStep(), ema, export, grid, metrics) if c is not None]
+    guard = NonFiniteLossGuard(cfg.train.nonfinite_loss, cfg.train.max_skipped_batches)
+    callbacks = [c for c in (TrainStep(), guard, ema, export, grid, metrics) if c is not None]
     callbacks += _evaluation_callbacks(cfg, meta, ema, loader.dataset, decode, run_dir)
+    if cfg.logging.sample_ledger:
+        from tread_scale.trainer.sample_ledger import SampleLedger
+
+        callbacks.append(SampleLedger(run_dir / "ledger"))
     callbacks.append(Preemption(cfg.train.preemption_flag))
     trainer_cls, extra = Trainer, {}
     if par.backend == "fsdp":
@@ -265,10 +279,10 @@ def build_trainer(cfg: RunConfig):
     if cfg.logging.wandb.enabled:
         from tread_scale.trainer.wandb_logger import OfflineSafeWandBLogger
 
-        w = cfg.logging.wandb
-        loggers.append(OfflineSafeWandBLogger(mode=w.mode, project=w.project, entity=w.entity, group=w.group,
-                                              name=cfg.run_name, tags=list(w.tags),
-                                              init_kwargs={"config": to_dict(cfg), "dir": str(run_dir)}))
+        w = redacted_config(cfg)["logging"]["wandb"]
+        loggers.append(OfflineSafeWandBLogger(mode=w["mode"], project=w["project"], entity=w["entity"],
+                                              group=w["group"], name=redact(cfg.run_name), tags=list(w["tags"]),
+                                              init_kwargs={"config": redacted_config(cfg), "dir": str(run_dir)}))
 
     trainer = trainer_cls(
         model=model,
@@ -297,6 +311,36 @@ def build_trainer(cfg: RunConfig):
     return trainer, {"ema": ema, "export": export, "grid": grid}
 
 
+def _enospc_in(exc: BaseException) -> OSError | None:
+    """The ``ENOSPC`` error in an exception's chain (torch.save re-raises it as a RuntimeError), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _no_space(cfg: RunConfig):
+    """A clear error for a checkpoint that did not fit; removes the partial file, keeps the last good one."""
+    from tread_scale.errors import CheckpointError
+
+    folder = Path(cfg.checkpoint_folder())
+    latest = folder / "latest-rank0.pt"
+    good = os.path.realpath(latest) if latest.is_symlink() else None
+    partial = None
+    for p in folder.glob("*.pt"):
+        if p.is_file() and not p.is_symlink() and os.path.realpath(p) != good and \
+                (good is None or p.stat().st_mtime >= Path(good).stat().st_mtime):
+            partial = p
+            p.unlink()  # a truncated checkpoint is useless and holds the space
+    return CheckpointError(f"no space left on the device holding {folder} while writing a checkpoint"
+                           f"{f' ({partial.name}, removed)' if partial else ''}; the last complete checkpoint "
+                           f"({Path(good).name if good else 'none yet'}) is intact and autoresume will use it. "
+                           "Free space or point train.save_folder elsewhere, then rerun the same command.")
+
+
 def train(cfg: RunConfig) -> TrainResult:
     """Train per ``cfg`` (resuming automatically when a checkpoint of the same run exists)."""
     setup_logging(cfg.logging.level)
@@ -306,6 +350,11 @@ def train(cfg: RunConfig) -> TrainResult:
     try:
         trainer.fit()
         batches = int(trainer.state.timestamp.batch)
+    except Exception as e:
+        nospace = _enospc_in(e)
+        if nospace is None:
+            raise
+        raise _no_space(cfg) from None
     finally:
         trainer.close()
     return TrainResult(cfg.run_dir, cfg.checkpoint_folder(), batches, handles["export"].last_export,
