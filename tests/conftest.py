@@ -36,8 +36,9 @@ def _no_strays():
         return "resource_tracker" in cmd or "forkserver" in cmd or proc.name() == "wandb-core"
 
     me = psutil.Process()
-    children = [c for c in me.children(recursive=True)
-                if c.is_running() and c.status() != psutil.STATUS_ZOMBIE and not helper(c)]
+    children = [c for c in me.children(recursive=True) if not helper(c)]
+    _, children = psutil.wait_procs(children, timeout=15)  # give processes that are shutting down time to exit
+    children = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     described = []
     for c in children:
         try:

@@ -66,7 +66,19 @@ def test_sigkill_then_autoresume_is_bitwise_exact(backend, latent_dataset, tmp_p
     kill_at = random.Random(backend).randint(3, 6)  # after the checkpoint at step 2 (or 4)
     _kill_after(killed, tmp_path, BACKENDS[backend], kill_at)
     assert max(losses(tmp_path / "b" / "killed")) < 8, "killed before the end"
+    # a kill between writing a checkpoint and moving the latest pointer to it leaves a (maybe truncated) newer
+    # file behind; make sure there is one, so the resume is always tested with it in the way
+    ckpts = tmp_path / "b" / "killed" / "checkpoints"
+    latest = ckpts / "latest-rank0.pt"
+    orphan = None
+    if latest.is_symlink() and latest.resolve().is_file():
+        at = int(os.readlink(latest).split("-ba")[1].split("-")[0])
+        orphan = ckpts / f"ep0-ba{at + 2}-rank0.pt"
+        if not orphan.exists():
+            orphan.write_bytes(latest.resolve().read_bytes()[:1000])
     launch(killed, 2, tmp_path, *BACKENDS[backend])  # the same command again: autoresume
+    if orphan is not None:
+        assert (ckpts / "orphaned" / orphan.name).is_file(), "the orphaned checkpoint must be kept aside"
     a, b = tmp_path / "a" / "straight", tmp_path / "b" / "killed"
     wa, wb = load_weights(a / "ema" / "latest.safetensors")[0], load_weights(b / "ema" / "latest.safetensors")[0]
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "final weights differ from the uninterrupted run"

@@ -41,3 +41,31 @@ def test_pickled_weights_are_refused(tmp_path, capsys, command):
     torch.save({"x": torch.nn.Linear(2, 2)}, tmp_path / "weights.safetensors.pt")
     assert main([command, str(tmp_path / "weights.safetensors.pt"), "--out", str(tmp_path / "o")]) == 2
     assert "only .safetensors weight files are loaded" in capsys.readouterr().err
+
+
+class _Payload:
+    """A pickle that runs code when loaded: it creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("command", ["fid", "import-dit"])
+def test_pickles_with_code_are_not_executed(tmp_path, capsys, command):
+    import torch
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"w": _Payload(marker)}, evil)
+    if command == "fid":
+        args = ["fid", str(tmp_path / "w.safetensors"), "--inception", str(evil), "--ref", str(tmp_path / "r.npz")]
+        expected = "pickled models are refused because loading them runs code"
+    else:
+        args = ["import-dit", str(evil), "--model", "DiT-S/8", "--out", str(tmp_path / "o.safetensors")]
+        expected = "refusing to unpickle code"
+    assert main(args) == 2
+    assert expected in capsys.readouterr().err
+    assert not marker.exists(), "the pickle's code ran"

@@ -74,6 +74,46 @@ class LatentStreamingDataset(StreamingDataset):
             if encodings["label"] != "int":
                 raise DatasetMismatchError(f"{where}: shard {basename} stores labels as {encodings['label']}, not int")
 
+    def _remote_s3(self) -> str | None:
+        remote = next((s.remote for s in self.streams if s.remote), None)
+        return remote if remote and str(remote).startswith("s3://") else None
+
+    def __iter__(self):
+        try:
+            yield from super().__iter__()
+        except RuntimeError as e:
+            remote = self._remote_s3()
+            if remote and "Background thread failed" in str(e):
+                from tread_scale.data.object_store import describe_endpoint
+
+                raise ObjectStoreError(f"cannot fetch shards of {remote} from the S3 endpoint {describe_endpoint()}: "
+                                       "a background download failed after all retries (its traceback is above); "
+                                       "check that the endpoint is up and reachable, then rerun: the run "
+                                       "autoresumes") from e
+            raise
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        """streaming's download, but a failed download gives the shard back instead of leaving it "preparing".
+
+        In mosaicml-streaming 0.13.0 a download that raises leaves the shard's shared state PREPARING, and
+        any thread or process that then needs that shard waits for it for ever (a dead endpoint hangs
+        training instead of failing it). Exceptions only come out of the downloading call, so resetting
+        the state to REMOTE here is safe; the next reader retries the download and gets the error.
+        """
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except BaseException:
+            from streaming.base.dataset import _ShardState
+
+            lock = self._cache_filelock
+            lock.acquire()
+            try:
+                if self._shard_states[shard_id] == _ShardState.PREPARING:
+                    self._shard_states[shard_id] = _ShardState.REMOTE
+            finally:
+                lock.release()
+            raise
+
     def shard_name(self, sample_id: int) -> str:
         shard_id, _ = self.spanner[sample_id]
         return self.shards[shard_id].raw_data.basename
@@ -86,9 +126,11 @@ class LatentStreamingDataset(StreamingDataset):
                 raise DatasetError(f"shard {self.shard_name(sample_id)} is corrupt (checksum mismatch: {e}); delete "
                                    "the cached copy, or re-convert the dataset if the source is corrupt") from None
             raise
-        except (OSError, RuntimeError, TimeoutError) as e:
-            remote = next((s.remote for s in self.streams if s.remote), None)
-            if remote and str(remote).startswith("s3://"):
+        except DatasetError:
+            raise
+        except Exception as e:  # noqa: BLE001 - download failures surface as many types (botocore, runtime, OS)
+            remote = self._remote_s3()
+            if remote:
                 from tread_scale.data.object_store import describe_endpoint
 
                 raise ObjectStoreError(f"cannot fetch shard {self.shard_name(sample_id)} of {remote} from the S3 "

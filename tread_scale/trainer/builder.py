@@ -252,7 +252,8 @@ def build_trainer(cfg: RunConfig):
         cfg_scale=cfg.sampling.cfg_scale, seed=cfg.sampling.seed, decode=decode,
         at_fit_end=cfg.sampling.at_fit_end, sigma_data=cfg.objective.sigma_data,
     )
-    metrics = MetricsLog(run_dir / "metrics.jsonl", interval=cfg.logging.metrics_interval)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", interval=cfg.logging.metrics_interval,
+                         peak_flops=cfg.logging.peak_flops)
     guard = NonFiniteLossGuard(cfg.train.nonfinite_loss, cfg.train.max_skipped_batches)
     callbacks = [c for c in (TrainStep(), guard, ema, export, grid, metrics) if c is not None]
     callbacks += _evaluation_callbacks(cfg, meta, ema, loader.dataset, decode, run_dir)
@@ -261,6 +262,21 @@ def build_trainer(cfg: RunConfig):
 
         callbacks.append(SampleLedger(run_dir / "ledger"))
     callbacks.append(Preemption(cfg.train.preemption_flag))
+    ckpt_remote_plain = s3.is_s3(ckpt) and not (par.backend == "fsdp" and (par.fsdp or FSDPConfig()).state_dict_type
+                                                 == "sharded") and par.backend != "deepspeed"
+    if ckpt_remote_plain:
+        from tread_scale.trainer.remote_checkpoints import CheckpointManifests, repair_remote_latest
+
+        callbacks.append(CheckpointManifests(ckpt))
+        if cfg.train.autoresume and rank == 0:
+            repair_remote_latest(ckpt)
+        dist.barrier()
+    if cfg.train.autoresume:
+        from tread_scale.trainer.local_checkpoints import set_aside_orphans
+
+        if dist.get_local_rank() == 0:
+            set_aside_orphans(local_checkpoint_folder(cfg))
+        dist.barrier()
     trainer_cls, extra = Trainer, {}
     if par.backend == "fsdp":
         from tread_scale.parallel.fsdp import fsdp2_config
@@ -276,6 +292,26 @@ def build_trainer(cfg: RunConfig):
                                                 cfg.train.save_num_checkpoints_to_keep))
 
     loggers = []
+    save_folder: str | None = ckpt
+    if s3.is_s3(ckpt):
+        # Stage checkpoints in the run folder and upload them through a logger destination. (Handing Composer
+        # the s3:// URI as save_folder makes it stage and download checkpoints under ./s3:/<bucket>/… in the
+        # current directory, where a later run of the same name would resume from a stale copy.)
+        from composer.callbacks import CheckpointSaver
+        from composer.loggers import RemoteUploaderDownloader
+
+        bucket, prefix = s3.parse_s3_uri(ckpt)
+        callbacks.append(CheckpointSaver(
+            folder=str(local_checkpoint_folder(cfg)), filename="ep{epoch}-ba{batch}-rank{rank}.pt",
+            remote_file_name=f"{prefix}/ep{{epoch}}-ba{{batch}}-rank{{rank}}.pt", latest_filename="latest-rank{rank}.pt",
+            latest_remote_file_name=f"{prefix}/latest-rank{{rank}}.pt", save_interval=cfg.train.save_interval,
+            num_checkpoints_to_keep=cfg.train.save_num_checkpoints_to_keep))
+        # threads, not processes: a failed upload then surfaces as an error instead of a dead worker process
+        # whose (unpicklable botocore) exception never arrives, which leaves Composer waiting for ever
+        loggers.append(RemoteUploaderDownloader(bucket_uri=f"s3://{bucket}", num_concurrent_uploads=1,
+                                                upload_staging_folder=str(run_dir / ".upload_staging"),
+                                                use_procs=False))
+        save_folder = None
     if cfg.logging.wandb.enabled:
         from tread_scale.trainer.wandb_logger import OfflineSafeWandBLogger
 
@@ -293,7 +329,7 @@ def build_trainer(cfg: RunConfig):
         callbacks=callbacks,
         loggers=loggers,
         run_name=cfg.run_name,
-        save_folder=ckpt,
+        save_folder=save_folder,
         save_interval=cfg.train.save_interval,
         save_num_checkpoints_to_keep=cfg.train.save_num_checkpoints_to_keep,
         autoresume=cfg.train.autoresume,
@@ -322,11 +358,17 @@ def _enospc_in(exc: BaseException) -> OSError | None:
     return None
 
 
+def local_checkpoint_folder(cfg: RunConfig) -> Path:
+    """Where checkpoints are written locally (the folder itself, or the staging folder of an s3:// one)."""
+    ckpt = cfg.checkpoint_folder()
+    return cfg.run_dir / "checkpoints" if s3.is_s3(ckpt) else Path(ckpt)
+
+
 def _no_space(cfg: RunConfig):
     """A clear error for a checkpoint that did not fit; removes the partial file, keeps the last good one."""
     from tread_scale.errors import CheckpointError
 
-    folder = Path(cfg.checkpoint_folder())
+    folder = local_checkpoint_folder(cfg)
     latest = folder / "latest-rank0.pt"
     good = os.path.realpath(latest) if latest.is_symlink() else None
     partial = None
