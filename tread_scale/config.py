@@ -276,7 +276,8 @@ class LoggingConfig:
 
     ``metrics_interval``: batches between records of ``<run_dir>/metrics.jsonl`` (global mean loss,
     samples/s, wall-clock), the file that curves are drawn from. ``sample_ledger`` records the sample ids
-    every rank consumed at every step in ``<run_dir>/ledger/`` (to audit resumption).
+    every rank consumed at every step in ``<run_dir>/ledger/`` (to audit resumption). ``peak_flops``: one
+    device's peak FLOP/s for the MFU in ``metrics.jsonl`` (default: Composer's table of known GPUs).
     """
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -284,6 +285,7 @@ class LoggingConfig:
     console_interval: str = "50ba"
     metrics_interval: int = 10
     sample_ledger: bool = False
+    peak_flops: float | None = None
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

@@ -90,3 +90,24 @@ def test_dataset_that_does_not_fit_the_model_fails_before_training(latent_datase
     with pytest.raises(DatasetMismatchError, match=r"latents have shape \(4, 8, 8\).*expects \(3, 8, 8\)"):
         train(cfg)
     assert not (tmp_path / "t" / "checkpoints").exists()
+
+
+def test_metrics_report_routing_aware_flops_and_mfu(latent_dataset, tmp_path):
+    import json
+
+    from tread_scale.routing.flops import model_flops
+
+    cfg = config_from_dict(tiny_run_cfg(latent_dataset, tmp_path, logging={"metrics_interval": 1, "peak_flops": 1e9}))
+    trainer, _ = build_trainer(cfg)
+    model = trainer.state.model
+    net = model.net
+    routed, dense = model.train_flops_per_sample(), model_flops(net, []).train_dense
+    assert routed == pytest.approx(model_flops(net, cfg.routes).train_routed) and routed < 0.9 * dense
+    assert model.flops_per_batch({"latent": torch.zeros(8, 4, 8, 8)}) == pytest.approx(8 * routed)
+    trainer.fit()
+    trainer.close()
+    records = [json.loads(l) for l in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records[1:]:
+        assert r["tflops_per_device"] == pytest.approx(r["samples_per_s"] * routed / 1e12, rel=0.01, abs=1e-4)
+        assert r["mfu"] == pytest.approx(r["tflops_per_device"] * 1e12 / 1e9, rel=0.01, abs=1e-4)

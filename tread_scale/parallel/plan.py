@@ -26,7 +26,7 @@ from tread_scale.config import DeepSpeedConfig, FSDPConfig, RunConfig, validate_
 from tread_scale.errors import ConfigError
 from tread_scale.factory import build_dit
 from tread_scale.models.dit import DiT
-from tread_scale.routing.flops import block_flops
+from tread_scale.routing.flops import Flops, block_flops, model_flops
 from tread_scale.routing.routes import resolve_routes
 from tread_scale.routing.tokens import num_kept
 
@@ -36,31 +36,6 @@ from tread_scale.routing.tokens import num_kept
 ACT_FP32 = 4
 ACT_LOWP = 17
 GiB = 1024**3
-
-
-@dataclass
-class Flops:
-    """Forward FLOPs per image."""
-
-    blocks_dense: float
-    blocks_routed: float
-    other: float  # patch embedding, timestep/label embedding, final layer
-
-    @property
-    def dense(self) -> float:
-        return self.blocks_dense + self.other
-
-    @property
-    def routed(self) -> float:
-        return self.blocks_routed + self.other
-
-    @property
-    def train_dense(self) -> float:
-        return 3 * self.dense
-
-    @property
-    def train_routed(self) -> float:
-        return 3 * self.routed
 
 
 @dataclass
@@ -77,23 +52,6 @@ class Memory:
     @property
     def training_state(self) -> float:
         return sum(v for k, v in self.terms.items() if k in ("params", "grads", "optimizer", "master", "ema"))
-
-
-def model_flops(net: DiT, routes) -> Flops:
-    """Forward FLOPs per image, dense and with ``routes``."""
-    n, d, depth = net.num_tokens, net.hidden_size, net.depth
-    resolved = resolve_routes(routes, depth)
-    tokens = [n] * depth
-    for r in resolved:
-        for i in range(r.start, r.end + 1):
-            tokens[i] = num_kept(n, r.rate)
-    p, c = net.patch_size, net.in_channels
-    other = 2 * n * c * p * p * d  # patch embedding
-    other += 2 * (256 * d + d * d)  # timestep MLP
-    other += 2 * d * 2 * d + 2 * n * d * p * p * net.out_channels  # final adaLN and projection
-    dense = depth * block_flops(n, d, net.mlp_ratio)
-    routed = sum(block_flops(k, d, net.mlp_ratio) for k in tokens)
-    return Flops(dense, routed, other)
 
 
 def activation_bytes(net: DiT, routes, microbatch: int, compute_bytes: int, checkpointing: bool,
@@ -173,8 +131,17 @@ def parse_bytes(text: str) -> float:
     raise ConfigError(f"--gpu-memory {text!r}: expected a size such as 80GB")
 
 
-def dry_run(cfg: RunConfig, world_size: int, gpu_memory: str | None = None) -> str:
+def dry_run(cfg: RunConfig, world_size: int, gpu_memory: str | None = None, projection=None,
+            max_nodes: int = 128) -> str:
     """Validate ``cfg`` for ``world_size`` ranks and return a human-readable report.
+
+    Args:
+        cfg: The run.
+        world_size: Ranks to plan for.
+        gpu_memory: Memory per GPU to check the estimate against (e.g. ``"80GB"``).
+        projection: :class:`~tread_scale.parallel.scaling.Assumptions` to also project step time and weak
+            scaling from 1 to ``max_nodes`` nodes with (``None``: no projection).
+        max_nodes: Largest node count of the projection.
 
     Raises:
         ConfigError: For a plan that cannot run (batch split, mesh, ZeRO options, …).
@@ -217,6 +184,10 @@ def dry_run(cfg: RunConfig, world_size: int, gpu_memory: str | None = None) -> s
         verdict = "fits" if mem.total <= 0.9 * cap else "DOES NOT FIT"
         lines.append(f"GPU memory    {cap / GiB:.0f} GiB per GPU: {verdict} ({100 * mem.total / cap:.0f}% of it; "
                      "allocator fragmentation and CUDA context add roughly 10%)")
+    if projection is not None:
+        from tread_scale.parallel.scaling import projection_report
+
+        lines += projection_report(cfg, net, flops.train_routed, per_rank, projection, max_nodes)
     return "\n".join(lines)
 
 

@@ -12,24 +12,39 @@ from composer.utils import dist
 
 
 class MetricsLog(Callback):
-    """Every ``interval`` batches, append ``{"step", "loss", "samples", "wall_s", "samples_per_s"}`` to a file.
+    """Every ``interval`` batches, append ``{"step", "loss", "samples", "wall_s", "samples_per_s",
+    "tflops_per_device", "mfu"}`` to a file.
 
     ``loss`` is the mean over the *global* batch and all its micro-batches (Composer all-reduces it every
     step into ``state.total_loss_dict``), so runs with different world sizes, micro-batch splits or
     backends are directly comparable.
 
+    ``tflops_per_device`` counts model FLOPs (routing-aware: tokens that skip blocks are not counted;
+    recomputation is not counted) per second per rank; ``mfu`` divides it by the device's peak, given as
+    ``peak_flops`` or looked up in Composer's table of GPUs for the run's precision (absent on CPU).
+
     Args:
         path: ``metrics.jsonl`` path (written by rank 0; appended to on resume).
         interval: Batches between records.
+        peak_flops: Peak FLOP/s of one device for MFU (``None``: known GPUs only).
     """
 
-    def __init__(self, path: str | Path, interval: int = 1) -> None:
+    def __init__(self, path: str | Path, interval: int = 1, peak_flops: float | None = None) -> None:
         self.path = Path(path)
         self.interval = max(1, int(interval))
+        self.peak_flops = peak_flops
+        self._flops_per_sample: float | None = None
         self._t0 = time.time()
         self._last: tuple[float, int] | None = None
 
     def fit_start(self, state: State, logger: Logger) -> None:
+        model = state.model.module if hasattr(state.model, "module") else state.model
+        if hasattr(model, "train_flops_per_sample"):
+            self._flops_per_sample = float(model.train_flops_per_sample())
+        if self.peak_flops is None and state.device.name == "gpu":
+            from composer.callbacks.speed_monitor import get_gpu_flops_available
+
+            self.peak_flops = float(get_gpu_flops_available(state)) or None
         self._t0 = time.time()
         self._last = (self._t0, int(state.timestamp.sample))
 
@@ -48,10 +63,18 @@ class MetricsLog(Callback):
         self._last = (now, samples)
         record = {"step": step, "loss": float(value), "samples": samples, "wall_s": round(now - self._t0, 3),
                   "samples_per_s": round(rate, 2)}
+        metrics = {"train/global_loss": record["loss"], "throughput/samples_per_s": rate}
+        if self._flops_per_sample:
+            per_device = rate * self._flops_per_sample / dist.get_world_size()
+            record["tflops_per_device"] = float(f"{per_device / 1e12:.6g}")
+            metrics["throughput/device/flops_per_sec"] = per_device
+            if self.peak_flops:
+                record["mfu"] = float(f"{per_device / self.peak_flops:.6g}")
+                metrics["throughput/device/mfu"] = record["mfu"]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        logger.log_metrics({"train/global_loss": record["loss"], "throughput/samples_per_s": rate})
+        logger.log_metrics(metrics)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -11,6 +11,7 @@ from tread_scale.diffusion.edm import EDM
 from tread_scale.diffusion.rectified_flow import RectifiedFlow
 from tread_scale.models.dit import DiT
 from tread_scale.rng import mix_seed, sample_seeds
+from tread_scale.routing.flops import model_flops
 
 ROUTING_SALT = 0x7EAD
 
@@ -48,6 +49,19 @@ class DiffusionModel(ComposerModel):
             return self.net(x_in, t, y, routing_seed=routing)
 
         return self.objective.training_loss(net, x, batch["label"], self.net.null_label, sample_seeds=seeds)
+
+    def train_flops_per_sample(self) -> float:
+        """Model FLOPs of one training sample (forward + backward = 3× forward), with the routes in use.
+
+        Activation-checkpointing recomputation is not counted (the usual MFU convention).
+        """
+        router = self.net.router
+        routes = router.routes if router is not None and router.enabled else []
+        return model_flops(self.net, routes).train_routed
+
+    def flops_per_batch(self, batch: dict[str, Any]) -> float:
+        """Training FLOPs of ``batch`` on this rank (the attribute Composer's ``SpeedMonitor`` reads)."""
+        return batch["latent"].shape[0] * self.train_flops_per_sample()
 
     def loss(self, outputs: torch.Tensor, batch: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         return outputs
