@@ -33,7 +33,8 @@ def _no_strays():
             cmd = " ".join(proc.cmdline())
         except psutil.Error:
             return True
-        return "resource_tracker" in cmd or "forkserver" in cmd or proc.name() == "wandb-core"
+        return ("resource_tracker" in cmd or "forkserver" in cmd or "_inductor/compile_worker" in cmd
+                or proc.name() == "wandb-core")
 
     me = psutil.Process()
     children = [c for c in me.children(recursive=True) if not helper(c)]

@@ -200,7 +200,9 @@ class TrainConfig:
     ``preemption_flag``: a file whose appearance makes every rank checkpoint and stop (the Slurm scripts
     set it; SIGUSR1/SIGTERM to a training process do the same). ``nonfinite_loss``: on a NaN/Inf loss,
     ``stop`` with a clear error (the last checkpoint stays the last good one) or ``skip`` the batch's update
-    (up to ``max_skipped_batches`` in a row; not with DeepSpeed).
+    (up to ``max_skipped_batches`` in a row; not with DeepSpeed). ``compile``: ``torch.compile`` each DiT
+    block (with ``compile_backend``); routing gives a block at most two sequence lengths, so it compiles
+    at most two graphs, and the gather/scatter between blocks stays eager.
     """
 
     max_duration: str = "400000ba"
@@ -216,6 +218,8 @@ class TrainConfig:
     preemption_flag: str | None = None
     nonfinite_loss: Literal["stop", "skip"] = "stop"
     max_skipped_batches: int = 10
+    compile: bool = False
+    compile_backend: str = "inductor"
 
 
 @dataclass

@@ -218,6 +218,10 @@ def build_trainer(cfg: RunConfig):
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(redact(dump_config(cfg)))
+    if dist.get_local_rank() == 0:
+        from tread_scale.data.shm import clean_dead_streaming_shm
+
+        clean_dead_streaming_shm()  # what killed runs left, also past gaps in streaming's numbering
     clean_stale_shared_memory()  # collective: local rank 0 cleans while the others wait
     log.info("run %s: %s over %d rank(s), %d samples per rank per batch (micro-batch %d), device %s, precision %s"
              "%s", cfg.run_name, par.backend, world, batch, microbatch, device, precision,
@@ -227,6 +231,9 @@ def build_trainer(cfg: RunConfig):
     reproducibility.seed_all(cfg.seed)  # identical initial weights on every rank and every run
     net = build_dit(cfg.model)
     net.grad_checkpointing = par.activation_checkpointing
+    if cfg.train.compile:
+        for block in net.blocks:
+            block.compile(backend=cfg.train.compile_backend)
     if cfg.model.init_from:
         _init_from(net, cfg.model.init_from)
     model = DiffusionModel(net, build_objective(cfg.objective), seed=cfg.seed)
