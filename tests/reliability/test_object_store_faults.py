@@ -46,9 +46,24 @@ def _dataset(tmp_path, uri):
 def _start(cfg, tmp_path, *overrides):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    # PYTHONFAULTHANDLER: on a hang the test sends SIGABRT and the output shows every thread's stack
     return subprocess.Popen([sys.executable, str(REPO / "launch.py"), str(path), *overrides], cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _finish(proc, timeout: float) -> str:
+    """The output of ``proc`` once it exits; on a hang, its threads' stacks (SIGABRT) in the failure."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGABRT)
+        try:
+            out = proc.communicate(timeout=20)[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out = proc.communicate()[0]
+        pytest.fail(f"the run hung; its threads:\n{out[-12000:]}")
 
 
 def _wait_for_step(run: Path, step: int, proc, timeout=120):
@@ -78,7 +93,7 @@ def test_short_outage_mid_epoch_is_ridden_out(own_s3, tmp_path):
     own_s3["server"].stop()
     time.sleep(3)
     own_s3["restart"]()
-    out, _ = proc.communicate(timeout=300)
+    out = _finish(proc, 300)
     assert proc.returncode == 0, out[-3000:]
     assert max(json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()) == 32
 
@@ -88,9 +103,9 @@ def test_dead_endpoint_is_a_clear_error_in_bounded_time(own_s3, tmp_path):
     _dataset(tmp_path, uri)
     proc = _start(_cfg(uri, tmp_path / "runs", max_duration="32ba"), tmp_path, "data.download_retry=2")
     _wait_for_step(tmp_path / "runs" / "t", 2, proc)
-    own_s3["server"].stop()
+    own_s3["server"].stop(hard=True)  # gone for good, as a crashed server: connections are reset
     t0 = time.time()
-    out, _ = proc.communicate(timeout=180)
+    out = _finish(proc, 180)
     assert time.time() - t0 < 120
     assert proc.returncode == 2, out[-3000:]
     port = own_s3["server"].port
@@ -116,11 +131,7 @@ def test_cut_off_checkpoint_upload_resumes_from_the_previous_complete_one(own_s3
         monkeypatch.setenv("S3_ENDPOINT_URL", proxy.endpoint)  # the run talks to S3 through the proxy
         proc = _start(cfg, tmp_path)
         monkeypatch.setenv("S3_ENDPOINT_URL", env_endpoint)
-        try:
-            out, _ = proc.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"the run hung after its upload was cut:\n{proc.communicate()[0][-4000:]}")
+        out = _finish(proc, 240)
     finally:
         proxy.close()
     assert proxy.cuts >= 1, "no upload was cut"
@@ -135,7 +146,7 @@ def test_cut_off_checkpoint_upload_resumes_from_the_previous_complete_one(own_s3
 
     shutil.rmtree(tmp_path / "runs")
     proc = _start(cfg, tmp_path)
-    out, _ = proc.communicate(timeout=300)
+    out = _finish(proc, 300)
     assert proc.returncode == 0, out[-3000:]
     assert "Autoresuming training from checkpoint" in out
     # the truncated objects of checkpoint 4 were moved out of the way (copied aside when the store can read them)
@@ -169,10 +180,13 @@ def test_failed_shard_download_does_not_leave_readers_waiting(own_s3, tmp_path):
     reader.join(60)
     assert not reader.is_alive(), "reading a sample of the failed shard hangs"
     assert isinstance(outcome[0], ObjectStoreError) and "cannot fetch shard" in str(outcome[0])
+    t0 = time.time()
+    assert isinstance(_get(ds, 5, retry=7), ObjectStoreError)  # what the training loop calls: bounded retries
+    assert time.time() - t0 < 30, f"a sample of a dead endpoint took {time.time() - t0:.0f} s to fail"
 
 
-def _get(ds, sample_id):
+def _get(ds, sample_id, retry=0):
     try:
-        return ds.get_item(sample_id, retry=0)
+        return ds.get_item(sample_id, retry=retry)
     except Exception as e:  # noqa: BLE001 - the test inspects it
         return e

@@ -151,7 +151,10 @@ class LatentStreamingDataset(StreamingDataset):
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
         try:
-            raw = self._mapped_sample(sample_id) or super().get_item(sample_id, retry)
+            # streaming retries a sample's shard 1 + 7 times, each a download with its own download_retry
+            # attempts: against a dead endpoint that is minutes. Twice is enough for the case the retry is
+            # for (a shard evicted between download and read); the download itself retries.
+            raw = self._mapped_sample(sample_id) or super().get_item(sample_id, min(retry, 1))
         except ValueError as e:
             if "Checksum failure" in str(e):
                 raise DatasetError(f"shard {self.shard_name(sample_id)} is corrupt (checksum mismatch: {e}); delete "

@@ -82,9 +82,10 @@ class LocalS3:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def stop(self) -> None:
+    def stop(self, hard: bool = False) -> None:
+        """Stop the server (``hard``: SIGKILL at once, as a crash would: open connections are reset)."""
         if self.alive():
-            os.killpg(self.process.pid, signal.SIGTERM)
+            os.killpg(self.process.pid, signal.SIGKILL if hard else signal.SIGTERM)
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
