@@ -98,6 +98,25 @@ class LatentStreamingDataset(StreamingDataset):
                                        "autoresumes") from e
             raise
 
+    # streaming 0.13.0 ends (and starts) an iteration by waiting, without a limit, until its prepare and
+    # ready threads report that they exited; a thread that dies of an exception (a download against a dead
+    # endpoint) never reports, and training hangs instead of failing (seen in the R3 fault test). Each
+    # thread reports its exit when it dies; the failure itself still reaches training through streaming.
+
+    def _prepare_thread(self, it) -> None:
+        try:
+            super()._prepare_thread(it)
+        except BaseException:
+            it.on_exit()
+            raise
+
+    def _ready_thread(self, it) -> None:
+        try:
+            super()._ready_thread(it)
+        except BaseException:
+            it.on_exit()
+            raise
+
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         """streaming's download, but a failed download gives the shard back instead of leaving it "preparing".
 
