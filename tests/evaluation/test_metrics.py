@@ -29,10 +29,14 @@ def test_fid_between_gaussians_matches_the_closed_form():
     assert frechet_distance(q @ m1, q @ np.diag(a) @ q.T, q @ m2, q @ np.diag(b) @ q.T) == pytest.approx(expected, rel=1e-6)
 
 
-def _rank_worker(rank, port, feats, out):
+def _rank_worker(rank, store, feats, out):
+    from datetime import timedelta
+
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # a file store: no TCP port to race for; a bounded timeout turns a stuck peer into an error
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=120))
     stats = FeatureStats(feats.shape[1])
     stats.update(torch.from_numpy(feats[rank::2]))
     stats.all_reduce()
@@ -43,10 +47,8 @@ def _rank_worker(rank, port, feats, out):
 
 
 def test_two_rank_statistics_equal_one_process(tmp_path):
-    from composer.utils import get_free_tcp_port
-
     feats = np.random.default_rng(2).standard_normal((101, 12))
-    torch.multiprocessing.spawn(_rank_worker, args=(get_free_tcp_port(), feats, tmp_path / "s.npz"), nprocs=2)
+    torch.multiprocessing.spawn(_rank_worker, args=(tmp_path / "store", feats, tmp_path / "s.npz"), nprocs=2)
     got = np.load(tmp_path / "s.npz")
     single = FeatureStats(12)
     single.update(torch.from_numpy(feats))

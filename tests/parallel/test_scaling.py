@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -24,9 +23,12 @@ def _net():
     return build_dit(ModelConfig(**tiny_model_cfg()))
 
 
-def _worker(rank: int, world: int, port: int, backend: str, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, store: str, backend: str, out):
+    from datetime import timedelta
+
+    # a file store: no TCP port to race for; a bounded timeout turns a stuck peer into an error
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
     counts = {"all_gather": 0.0, "reduce_scatter": 0.0, "all_reduce": 0.0}
     net = _net()
     if backend == "ddp":
@@ -77,17 +79,15 @@ def _worker(rank: int, world: int, port: int, backend: str, out):
     dist.destroy_process_group()
 
 
-def _measure(backend: str) -> dict:
-    from composer.utils import get_free_tcp_port
-
+def _measure(backend: str, store) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    mp.start_processes(_worker, args=(2, get_free_tcp_port(), backend, q), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(2, str(store), backend, q), nprocs=2, start_method="spawn")
     return q.get(timeout=60)
 
 
 @pytest.mark.parametrize("backend", ["ddp", "fsdp"])
-def test_projected_bytes_match_a_real_two_rank_run(backend):
+def test_projected_bytes_match_a_real_two_rank_run(backend, tmp_path):
     net = _net()
     params = sum(p.numel() for p in net.parameters())
     units = sum(1 for m in net.modules() if net.fsdp_wrap_fn(m)) + 1
@@ -95,7 +95,7 @@ def test_projected_bytes_match_a_real_two_rank_run(backend):
     for c in step_collectives(backend, params, 2, units=units, compute_bytes=4,
                               fsdp=FSDPConfig(mixed_precision="full")):
         predicted[c.kind] += c.payload
-    measured = _measure(backend)
+    measured = _measure(backend, tmp_path / "store")
     for kind in predicted:
         # FSDP2 pads every parameter to a multiple of the world size: allow 3%
         assert measured[kind] == pytest.approx(predicted[kind], rel=0.03, abs=1), (kind, measured, predicted)
