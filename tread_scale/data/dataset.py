@@ -103,19 +103,19 @@ class LatentStreamingDataset(StreamingDataset):
     # endpoint) never reports, and training hangs instead of failing (seen in the R3 fault test). Each
     # thread reports its exit when it dies; the failure itself still reaches training through streaming.
 
-    def _prepare_thread(self, it) -> None:
+    @staticmethod
+    def _reporting_exit(thread, it) -> None:
         try:
-            super()._prepare_thread(it)
+            thread(it)
         except BaseException:
             it.on_exit()
             raise
 
+    def _prepare_thread(self, it) -> None:
+        self._reporting_exit(super()._prepare_thread, it)
+
     def _ready_thread(self, it) -> None:
-        try:
-            super()._ready_thread(it)
-        except BaseException:
-            it.on_exit()
-            raise
+        self._reporting_exit(super()._ready_thread, it)
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         """streaming's download, but a failed download gives the shard back instead of leaving it "preparing".

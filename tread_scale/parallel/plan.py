@@ -26,9 +26,8 @@ from tread_scale.config import DeepSpeedConfig, FSDPConfig, RunConfig, validate_
 from tread_scale.errors import ConfigError
 from tread_scale.factory import build_dit
 from tread_scale.models.dit import DiT
-from tread_scale.routing.flops import Flops, block_flops, model_flops
+from tread_scale.routing.flops import Flops, block_flops, model_flops, tokens_per_block
 from tread_scale.routing.routes import resolve_routes
-from tread_scale.routing.tokens import num_kept
 
 #: Values of width D saved for backward per token and block: kept in fp32 under autocast (2 LayerNorm
 #: inputs, 2 modulated activations) and in the compute dtype (qkv input, q, k, v, attention output,
@@ -61,11 +60,8 @@ def activation_bytes(net: DiT, routes, microbatch: int, compute_bytes: int, chec
     With ``checkpointing``, ``include_recompute=False`` gives only what the forward pass saves.
     """
     n, d, depth = net.num_tokens, net.hidden_size, net.depth
-    tokens = [n] * depth
     resolved = resolve_routes(routes, depth)
-    for r in resolved:
-        for i in range(r.start, r.end + 1):
-            tokens[i] = num_kept(n, r.rate)
+    tokens = tokens_per_block(resolved, depth, n)
     per_token = ACT_FP32 * 4 + ACT_LOWP * compute_bytes
     per_block = [per_token * k * d for k in tokens]
     if checkpointing:

@@ -21,6 +21,7 @@ Weak scaling keeps the per-GPU batch, so the global batch grows with the node co
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -173,8 +174,7 @@ def project(backend: str, params: int, train_flops_per_image: float, per_gpu_bat
         f = fsdp
         if fsdp is not None and fsdp.replicate > 1:
             shard = min(world, hsdp_shard or a.gpus_per_node)
-            f = FSDPConfig(reshard_after_forward=fsdp.reshard_after_forward, mixed_precision=fsdp.mixed_precision,
-                           state_dict_type=fsdp.state_dict_type, replicate=world // shard)
+            f = dataclasses.replace(fsdp, replicate=world // shard)
         cs = step_collectives(backend, params, world, units=units, compute_bytes=compute_bytes, fsdp=f,
                               deepspeed=deepspeed)
         comm = comm_seconds(cs, a)

@@ -24,15 +24,21 @@ def block_flops(num_tokens: int, hidden: int, mlp_ratio: float = 4.0) -> float:
     return (8 + 4 * mlp_ratio) * n * d * d + 4 * n * n * d + 12 * d * d
 
 
+def tokens_per_block(routes: Sequence[ResolvedRoute], depth: int, num_tokens: int) -> list[int]:
+    """Tokens each block processes under the (resolved) routes."""
+    tokens = [num_tokens] * depth
+    for r in routes:
+        for i in range(r.start, r.end + 1):
+            tokens[i] = num_kept(num_tokens, r.rate)
+    return tokens
+
+
 def routed_block_fraction(
     routes: Sequence[ResolvedRoute], depth: int, num_tokens: int, hidden: int, mlp_ratio: float = 4.0
 ) -> float:
     """Block FLOPs with the routes, as a fraction of the dense blocks' FLOPs."""
     dense = block_flops(num_tokens, hidden, mlp_ratio)
-    tokens = [num_tokens] * depth
-    for r in routes:
-        for i in range(r.start, r.end + 1):
-            tokens[i] = num_kept(num_tokens, r.rate)
+    tokens = tokens_per_block(routes, depth, num_tokens)
     return sum(block_flops(n, hidden, mlp_ratio) for n in tokens) / (depth * dense)
 
 
@@ -64,11 +70,7 @@ class Flops:
 def model_flops(net: DiT, routes) -> Flops:
     """Forward FLOPs per image, dense and with ``routes``."""
     n, d, depth = net.num_tokens, net.hidden_size, net.depth
-    resolved = resolve_routes(routes, depth)
-    tokens = [n] * depth
-    for r in resolved:
-        for i in range(r.start, r.end + 1):
-            tokens[i] = num_kept(n, r.rate)
+    tokens = tokens_per_block(resolve_routes(routes, depth), depth, n)
     p, c = net.patch_size, net.in_channels
     other = 2 * n * c * p * p * d  # patch embedding
     other += 2 * (256 * d + d * d)  # timestep MLP
