@@ -3,9 +3,12 @@
 
 Writes ``--samples`` random latents (4×32×32, the 256² SD-VAE shape) twice — as an MDS dataset through
 ``tread-scale convert`` (fp16, zstd) and as one fp32 ``.npy`` file per sample with a labels file, the layout
-most ``train.py`` scripts read — then times whole passes of a ``DataLoader`` over each with the same batch
-size, workers and pinned memory (when CUDA is present). The first pass warms the page cache and is not
-counted. The last line is machine-readable: ``mds_per_s=<x> npy_per_s=<y> ratio=<x/y>``.
+most ``train.py`` scripts read — then times passes of the training loader over the MDS copy (what
+``build_dataloader`` makes: a batched ``LatentStreamingDataset`` in a ``BatchLoader``) and of a shuffling
+``DataLoader`` over the files, with the same batch size, workers and pinned memory (when CUDA is present). The first pass warms the page cache and is not
+counted. Each pass is reported whole and in its steady state (after its first batch, see
+:func:`passes`). The last line is machine-readable (whole passes):
+``mds_per_s=<x> npy_per_s=<y> ratio=<x/y> steady_ratio=<z>``.
 
     python benchmarks/bench_data.py --samples 20000 --workers 2 --batch 256
 """
@@ -27,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tread_scale.data.convert import ConvertOptions, convert  # noqa: E402
-from tread_scale.data.dataset import LatentStreamingDataset, collate_latents  # noqa: E402
+from tread_scale.data.dataset import BatchLoader, LatentStreamingDataset, collate_latents  # noqa: E402
 from tread_scale.data.sources import NpyFolderSource  # noqa: E402
 
 SHAPE = (4, 32, 32)
@@ -69,20 +72,34 @@ def write_data(root: Path, n: int) -> tuple[Path, Path]:
 
 
 def loader(dataset, args) -> DataLoader:
-    return DataLoader(dataset, batch_size=args.batch, collate_fn=collate_latents, num_workers=args.workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=args.workers > 0,
-                      prefetch_factor=4 if args.workers > 0 else None, shuffle=isinstance(dataset, PerFileNpy))
+    """The training loader (what ``build_dataloader`` makes) for MDS; a shuffling batching one for ``.npy``."""
+    common = dict(num_workers=args.workers, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers > 0 else None)
+    if isinstance(dataset, LatentStreamingDataset):
+        return BatchLoader(dataset, **common)
+    return DataLoader(dataset, batch_size=args.batch, collate_fn=collate_latents, drop_last=True, shuffle=True,
+                      **common)
 
 
-def passes(dl: DataLoader, count: int) -> list[float]:
-    rates = []
+def passes(dl: DataLoader, count: int) -> tuple[list[float], list[float]]:
+    """Rates of ``count`` whole passes and of their steady state (from each pass's first batch to its end).
+
+    A pass starts by restarting the workers' iteration: streaming partitions and shuffles the epoch and
+    its workers meet at a barrier (about 0.1 s here), once per epoch. Whole passes over a short dataset
+    overweight that; the steady rate is what a long epoch sees.
+    """
+    whole, steady = [], []
     for i in range(count + 1):
-        t0, seen = time.perf_counter(), 0
+        t0, seen, first = time.perf_counter(), 0, None
         for batch in dl:
             seen += batch["latent"].shape[0]
+            if first is None:
+                first, after_first = time.perf_counter(), seen
         if i:  # the first pass warms the page cache and starts the workers
-            rates.append(seen / (time.perf_counter() - t0))
-    return rates
+            end = time.perf_counter()
+            whole.append(seen / (end - t0))
+            steady.append((seen - after_first) / (end - first))
+    return whole, steady
 
 
 def main() -> None:
@@ -102,15 +119,19 @@ def main() -> None:
 
         clean_stale_shared_memory()
         ds = LatentStreamingDataset(latent_shape=SHAPE, num_classes=CLASSES, local=str(mds), remote=None,
-                                    batch_size=args.batch, shuffle=True, num_canonical_nodes=1)
-        mds_rates = passes(loader(ds, args), args.passes)
-        npy_rates = passes(loader(PerFileNpy(per_file), args), args.passes)
-    mds_rate, npy_rate = statistics.median(mds_rates), statistics.median(npy_rates)
-    print(f"batch {args.batch}, {args.workers} workers, {args.passes} timed passes (median), shuffled both")
-    print(f"MDS (fp16, zstd, local cache): {mds_rate:9.0f} latents/s")
-    print(f"one .npy per sample (fp32):    {npy_rate:9.0f} latents/s")
-    print(f"mds_per_s={mds_rate:.0f} npy_per_s={npy_rate:.0f} ratio={mds_rate / npy_rate:.2f}")
-
+                                    batch_size=args.batch, shuffle=True, num_canonical_nodes=1, batched=True)
+        mds_whole, mds_steady = passes(loader(ds, args), args.passes)
+        npy_whole, npy_steady = passes(loader(PerFileNpy(per_file), args), args.passes)
+    med = statistics.median
+    print(f"batch {args.batch}, {args.workers} workers, {args.passes} timed passes of {args.samples} (median), "
+          "shuffled both")
+    print(f"{'':32}{'whole pass':>12}{'steady':>12}   latents/s")
+    print(f"{'MDS (fp16, zstd, local cache):':32}{med(mds_whole):12.0f}{med(mds_steady):12.0f}")
+    print(f"{'one .npy per sample (fp32):':32}{med(npy_whole):12.0f}{med(npy_steady):12.0f}")
+    print(f"steady ratio {med(mds_steady) / med(npy_steady):.2f}")
+    mds_rate, npy_rate = med(mds_whole), med(npy_whole)
+    print(f"mds_per_s={mds_rate:.0f} npy_per_s={npy_rate:.0f} ratio={mds_rate / npy_rate:.2f} "
+          f"steady_ratio={med(mds_steady) / med(npy_steady):.2f}")
 
 if __name__ == "__main__":
     main()

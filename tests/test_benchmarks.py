@@ -23,7 +23,7 @@ def test_bench_step_prints_both_ratios():
 def test_bench_data_compares_mds_and_per_file_reads(tmp_path):
     last = _run("benchmarks/bench_data.py", "--samples", "600", "--batch", "64", "--workers", "0", "--passes", "1",
                 "--dir", str(tmp_path))[-1]
-    m = re.fullmatch(r"mds_per_s=(\d+) npy_per_s=(\d+) ratio=([\d.]+)", last)
+    m = re.fullmatch(r"mds_per_s=(\d+) npy_per_s=(\d+) ratio=([\d.]+) steady_ratio=([\d.]+)", last)
     assert m and int(m.group(1)) > 0 and int(m.group(2)) > 0
 
 

@@ -228,6 +228,9 @@ def test_reader_checks_columns_and_labels(latent_dataset):
                                            r"outside 0..0 \(model.num_classes=1\)"):
         for i in range(len(ds)):
             ds[i]
+    with pytest.raises(DatasetError, match=r"sample \d+ in shard group_00000/shard.\d+.mds has label [1-4], "
+                                           r"outside 0..0 \(model.num_classes=1\)"):
+        ds.get_batch(range(len(ds)))  # the training loader's batch read checks the same
 
 
 def test_missing_label_column_is_named(tmp_path):

@@ -5,24 +5,29 @@ save and restore its position). It checks the shard columns against the model be
 drops the S3 client that ``StreamingDataset.__init__`` used to fetch ``index.json``: mosaicml-streaming
 0.13.0 otherwise hands that client, with its pooled keep-alive socket, to every forked DataLoader worker,
 and workers then read each other's responses.
+
+Training reads it ``batched`` through :class:`BatchLoader`: a worker reads a whole batch per shard with one
+fancy index over a memory map (:mod:`tread_scale.data.records`) and streaming's per-sample background
+loops run per window of samples; the batches, their order and resumption are exactly those of a
+``DataLoader(batch_size=…, drop_last=True)`` over the same dataset (tested).
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
 import os
-import struct
-from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any
+import time
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from streaming import StreamingDataset
+from streaming.base.constant import TICK
 from streaming.base.dataset import _ShardState
+from torch.utils.data import DataLoader
 
 from tread_scale.data.metadata import parse_ndarray_encoding
+from tread_scale.data.records import finite_rows, shard_layout, shard_records
 from tread_scale.errors import DatasetError, DatasetMismatchError, ObjectStoreError
 
 log = logging.getLogger(__name__)
@@ -34,13 +39,17 @@ class LatentStreamingDataset(StreamingDataset):
     Args:
         latent_shape: Expected ``(C, H, W)``; the ``latent`` column must have exactly this static shape.
         num_classes: Labels must be in ``0..num_classes-1``; checked per sample.
+        batched: Iterate whole batches of ``batch_size`` samples (each what :func:`collate_latents` makes of
+            them, read with :meth:`get_batch`) instead of single samples; a worker's last incomplete batch is
+            dropped, as a ``DataLoader(drop_last=True)`` drops it. Pair with :class:`BatchLoader`.
         **kwargs: Passed to ``StreamingDataset`` (remote, local, batch_size, shuffle, …).
 
     Raises:
         DatasetMismatchError: If a column is missing or its shape/dtype disagrees with the model.
     """
 
-    def __init__(self, *, latent_shape: tuple[int, int, int], num_classes: int, **kwargs: Any) -> None:
+    def __init__(self, *, latent_shape: tuple[int, int, int], num_classes: int, batched: bool = False,
+                 **kwargs: Any) -> None:
         import json
 
         where = kwargs.get("remote") or kwargs.get("local")
@@ -51,6 +60,9 @@ class LatentStreamingDataset(StreamingDataset):
                                "re-run the conversion (it resumes) or restore the file") from None
         self.latent_shape = tuple(latent_shape)
         self.num_classes = num_classes
+        self.batched = batched
+        if batched and not self.batch_size:
+            raise DatasetError("a batched LatentStreamingDataset needs batch_size (the per-rank batch)")
         self._check_columns(kwargs.get("remote") or kwargs.get("local"))
         self.drop_parent_clients()
 
@@ -98,6 +110,107 @@ class LatentStreamingDataset(StreamingDataset):
                                        "autoresumes") from e
             raise
 
+    # The three loops of an epoch. streaming 0.13.0 runs each of them once per *sample*: its download
+    # thread takes a file lock and stats the shard file per sample, and all three compete for the GIL with
+    # the reads. Ours step through the epoch's sample ids a window at a time (each shard of a window is
+    # prepared or waited for once) and, batched, hand whole batches of ids to __getitem__. They keep
+    # streaming's protocol: the same indices into the same ids (so partition, resumption and predownload are
+    # streaming's), and each loop reports its exit.
+
+    def _window(self, it, index: int) -> int:
+        """End of the next window of ids from ``index``, within ``predownload`` of what was yielded."""
+        end = min(it.total, index + _WINDOW)
+        if self.predownload is not None:
+            end = min(end, max(index + 1, it.yield_index + self.predownload + 1))
+        return end
+
+    def _ahead(self, it, index: int) -> bool:
+        return self.predownload is not None and index - it.yield_index > self.predownload
+
+    def _shards_of(self, ids: np.ndarray) -> np.ndarray:
+        """The shard of each sample id, in order of first appearance, without repeats (``-1`` ids skipped)."""
+        ids = ids[ids >= 0]
+        shards = np.searchsorted(self.sample_offset_per_shard, ids, side="right") - 1
+        unique, first = np.unique(shards, return_index=True)
+        return unique[np.argsort(first)]
+
+    def _prepare_thread(self, it) -> None:
+        self._reporting_exit(self._prepare_loop, it)
+
+    def _prepare_loop(self, it) -> None:
+        while not (it.should_exit() or self._event.is_set()):
+            if it.ready_index == it.total:  # nothing left to wait for: let the epoch end
+                it.prepare_index = it.total
+            if it.prepare_index == it.total:
+                break
+            if self._ahead(it, it.prepare_index):
+                time.sleep(TICK)
+                continue
+            end = self._window(it, it.prepare_index)
+            for shard_id in self._shards_of(it.sample_ids[it.prepare_index:end]).tolist():
+                if not self._touch_if_ready(shard_id):
+                    self.prepare_shard(shard_id, False)
+            it.prepare_index = end
+        it.on_exit()
+
+    def _touch_if_ready(self, shard_id: int) -> bool:
+        """For a shard that is local and decompressed, what ``prepare_shard`` does, without its file lock.
+
+        ``prepare_shard`` of such a shard only checks the file and notes the access time (for eviction),
+        but under a file lock that cost a fifth of a worker's time. The time is noted without the lock, as
+        streaming's own reader does.
+        """
+        layout = shard_layout(self.shards[shard_id])
+        if self._shard_states[shard_id] != _LOCAL or layout is None or not os.path.isfile(layout.path):
+            return False
+        self._shard_access_times[shard_id] = time.time_ns()
+        return True
+
+    def _ready_thread(self, it) -> None:
+        self._reporting_exit(self._ready_loop, it)
+
+    def _ready_loop(self, it) -> None:
+        while not (it.should_exit() or self._event.is_set()) and it.ready_index < it.total:
+            if self._ahead(it, it.ready_index):
+                time.sleep(TICK)
+                continue
+            end = self._window(it, it.ready_index)
+            for shard_id in self._shards_of(it.sample_ids[it.ready_index:end]).tolist():
+                if self._shard_states[shard_id] == _ShardState.REMOTE:  # evicted since it was prepared
+                    self.prepare_shard(shard_id, False)
+                while self._shard_states[shard_id] != _LOCAL and not (it.should_exit() or self._event.is_set()):
+                    time.sleep(TICK)
+            it.ready_index = end
+        it.on_exit()
+
+    def _each_sample_id(self, it):
+        """Ready sample ids one at a time or, batched, as batches of ``batch_size`` (a last short one dropped)."""
+        batch, ids = _IdBatch(), it.sample_ids
+        while not (it.should_exit() or it.yield_index == it.total or self._event.is_set()):
+            if it.ready_index <= it.yield_index:
+                time.sleep(TICK)
+                continue
+            if not self.batched:
+                for at in range(it.yield_index, it.ready_index):
+                    if ids[at] >= 0:
+                        yield int(ids[at])
+                    it.yield_index = at + 1
+                continue
+            window = ids[it.yield_index:it.ready_index]
+            valid = np.flatnonzero(window >= 0)
+            take = valid[:self.batch_size - len(batch)]
+            batch.extend(window[take].tolist())
+            it.yield_index += int(take[-1]) + 1 if len(batch) == self.batch_size else len(window)
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = _IdBatch()
+        it.on_exit()
+
+    def __getitem__(self, at):
+        if isinstance(at, _IdBatch):
+            return self.get_batch(at)
+        return super().__getitem__(at)
+
     # streaming 0.13.0 ends (and starts) an iteration by waiting, without a limit, until its prepare and
     # ready threads report that they exited; a thread that dies of an exception (a download against a dead
     # endpoint) never reports, and training hangs instead of failing (seen in the R3 fault test). Each
@@ -110,12 +223,6 @@ class LatentStreamingDataset(StreamingDataset):
         except BaseException:
             it.on_exit()
             raise
-
-    def _prepare_thread(self, it) -> None:
-        self._reporting_exit(super()._prepare_thread, it)
-
-    def _ready_thread(self, it) -> None:
-        self._reporting_exit(super()._ready_thread, it)
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         """streaming's download, but a failed download gives the shard back instead of leaving it "preparing".
@@ -141,31 +248,36 @@ class LatentStreamingDataset(StreamingDataset):
         shard_id, _ = self.spanner[sample_id]
         return self.shards[shard_id].raw_data.basename
 
-    def _mapped_sample(self, sample_id: int) -> dict[str, Any] | None:
-        """Read a sample of a shard that is already local through a cached memory map (``None``: not possible).
+    def _records(self, shard_id: int) -> np.ndarray | None:
+        """All samples of a local shard as one structured array over a memory map (``None``: not possible).
 
         streaming's reader opens, seeks and reads the shard file twice per sample; with fixed-size columns
-        (ours) a sample is two slices of a mapping instead. Anything unusual falls back to streaming.
+        (ours) a shard is an array of equal records, so a sample is a row and a batch one fancy index.
+        Anything unusual (not local yet, variable-size columns, a background failure) returns ``None`` and
+        the caller falls back to streaming's reader.
         """
         if getattr(self, "_event", None) is not None and self._event.is_set():
             return None
-        shard_id, index = self.spanner[sample_id]
         if self._shard_states[shard_id] != _LOCAL:
             return None
-        layout = _layout(self.shards[shard_id])
+        layout = shard_layout(self.shards[shard_id])
         if layout is None:
             return None
-        mapping = _shard_map(layout.path)
-        if mapping is None:
+        records = shard_records(layout)
+        if records is not None:
+            self._shard_access_times[shard_id] = time.time_ns()  # as streaming's reader does, for eviction
+        return records
+
+    def _mapped_sample(self, sample_id: int) -> dict[str, Any] | None:
+        """One sample through :meth:`_records`, or ``None``."""
+        shard_id, index = self.spanner[sample_id]
+        records = self._records(shard_id)
+        if records is None:
             return None
-        begin, end = _PAIR.unpack_from(mapping, 4 * (1 + index))
-        if end - begin != layout.size:
-            return None
-        latent = np.frombuffer(mapping, dtype=layout.dtype, count=layout.count, offset=begin + layout.latent)
-        raw = {"latent": latent.reshape(self.latent_shape),
-               "label": int.from_bytes(mapping[begin + layout.label:begin + layout.label + 8], "little", signed=True)}
-        if layout.id is not None:
-            raw["id"] = int.from_bytes(mapping[begin + layout.id:begin + layout.id + 8], "little", signed=True)
+        row = records[index]
+        raw = {"latent": row["latent"], "label": int(row["label"])}
+        if "id" in records.dtype.names:
+            raw["id"] = int(row["id"])
         return raw
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
@@ -191,82 +303,84 @@ class LatentStreamingDataset(StreamingDataset):
             raise
         latent = raw["latent"]
         label = int(raw["label"])
-        if not 0 <= label < self.num_classes:
-            raise DatasetError(f"sample {sample_id} in shard {self.shard_name(sample_id)} has label {label}, "
-                               f"outside 0..{self.num_classes - 1} (model.num_classes={self.num_classes})")
-        if not np.isfinite(latent).all():
-            raise DatasetError(f"sample {sample_id} in shard {self.shard_name(sample_id)} has NaN or Inf latents")
+        self._check([sample_id], np.array([label]), latent[None])
         return {
             "latent": torch.from_numpy(np.array(latent, copy=True)),
             "label": torch.tensor(label, dtype=torch.int64),
             "id": int(raw.get("id", sample_id)),
         }
 
+    def get_batch(self, sample_ids: Sequence[int]) -> dict[str, Any]:
+        """Samples as one collated batch (what :func:`collate_latents` makes of their :meth:`get_item`).
+
+        Reads each shard's rows with one fancy index and checks labels and finiteness once per batch;
+        falls back to :meth:`get_item` per sample when a shard cannot be mapped.
+        """
+        ids = np.asarray(sample_ids, dtype=np.int64)
+        shards = np.searchsorted(self.sample_offset_per_shard, ids, side="right") - 1
+        rows = ids - self.sample_offset_per_shard[shards]
+        latents, labels, out_ids = None, np.empty(len(ids), np.int64), ids.copy()
+        for shard_id in np.unique(shards).tolist():
+            records = self._records(shard_id)
+            if records is None or (latents is not None and records.dtype["latent"].base != latents.dtype):
+                return collate_latents([self.get_item(int(i)) for i in ids])
+            at = np.flatnonzero(shards == shard_id)
+            picked = records[rows[at]]
+            if latents is None:
+                latents = np.empty((len(ids), *self.latent_shape), records.dtype["latent"].base)
+            latents[at] = picked["latent"]
+            labels[at] = picked["label"]
+            if "id" in records.dtype.names:
+                out_ids[at] = picked["id"]
+        if latents is None:
+            raise DatasetError("get_batch needs at least one sample id")
+        self._check(ids, labels, latents)
+        return {"latent": torch.from_numpy(latents), "label": torch.from_numpy(labels), "id": out_ids.tolist()}
+
+
+    def _check(self, ids: Sequence[int], labels: np.ndarray, latents: np.ndarray) -> None:
+        """Raise for the first sample whose label is out of range or whose latent is not finite."""
+        bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
+        if len(bad):
+            i = int(ids[bad[0]])
+            raise DatasetError(f"sample {i} in shard {self.shard_name(i)} has label {int(labels[bad[0]])}, "
+                               f"outside 0..{self.num_classes - 1} (model.num_classes={self.num_classes})")
+        finite = finite_rows(latents)
+        if not finite.all():
+            i = int(ids[np.flatnonzero(~finite)[0]])
+            raise DatasetError(f"sample {i} in shard {self.shard_name(i)} has NaN or Inf latents")
+
+
+class _IdBatch(list):
+    """Sample ids that :meth:`LatentStreamingDataset.__getitem__` reads as one batch."""
+
+
+class BatchLoader(DataLoader):
+    """A ``DataLoader`` over a batched :class:`LatentStreamingDataset` (see ``batched``).
+
+    The dataset collates, so this loader only moves whole batches (through workers and pinned memory);
+    its length is the number of batches, as a batching ``DataLoader`` with ``drop_last`` reports it.
+
+    Args:
+        dataset: A dataset made with ``batched=True``.
+        **kwargs: ``DataLoader`` arguments other than batching ones (num_workers, pin_memory, …).
+    """
+
+    def __init__(self, dataset: LatentStreamingDataset, **kwargs: Any) -> None:
+        if not getattr(dataset, "batched", False):
+            raise ValueError("BatchLoader needs a LatentStreamingDataset made with batched=True")
+        super().__init__(dataset, batch_size=None, collate_fn=_as_is, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.dataset) // self.dataset.batch_size
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
+
 
 _LOCAL = _ShardState.LOCAL
-_PAIR = struct.Struct("<II")
-_MAPS: "OrderedDict[str, mmap.mmap]" = OrderedDict()
-_MAPS_PID = [0]
-_MAX_MAPS = 16
-
-
-@dataclass(frozen=True)
-class _Layout:
-    path: str
-    size: int  # bytes per sample
-    latent: int  # offset of the latent bytes in a sample
-    dtype: np.dtype
-    count: int
-    label: int
-    id: int | None
-
-
-_NO_LAYOUT = "none"
-
-
-def _layout(shard) -> _Layout | None:
-    """Byte layout of a shard's samples when every column has a fixed size, else ``None``."""
-    cached = getattr(shard, "_tread_layout", None)
-    if cached is not None:
-        return None if cached == _NO_LAYOUT else cached
-    shard._tread_layout = _NO_LAYOUT
-    names = list(getattr(shard, "column_names", []))
-    sizes = list(getattr(shard, "column_sizes", []))
-    raw = getattr(shard, "raw_data", None)
-    if names and raw is not None and all(sizes) and "latent" in names and "label" in names:
-        offsets = dict(zip(names, np.cumsum([0] + sizes[:-1]).tolist()))
-        encoding = shard.column_encodings[names.index("latent")]
-        dtype, dims = parse_ndarray_encoding(encoding) if encoding.startswith("ndarray") else ("", None)
-        label_ok = shard.column_encodings[names.index("label")] == "int"
-        id_ok = "id" in names and shard.column_encodings[names.index("id")] == "int"
-        if dims is not None and dtype != "unknown" and label_ok:
-            shard._tread_layout = _Layout(
-                path=os.path.join(shard.dirname, shard.split or "", raw.basename), size=int(sum(sizes)),
-                latent=offsets["latent"], dtype=np.dtype(dtype), count=int(np.prod(dims)),
-                label=offsets["label"], id=offsets["id"] if id_ok else None)
-    return None if shard._tread_layout == _NO_LAYOUT else shard._tread_layout
-
-
-def _shard_map(path: str) -> mmap.mmap | None:
-    """A read-only memory map of a local shard file, cached per process (a few at a time)."""
-    if _MAPS_PID[0] != os.getpid():  # a forked worker maps files itself
-        _MAPS.clear()
-        _MAPS_PID[0] = os.getpid()
-    mapping = _MAPS.get(path)
-    if mapping is not None:
-        _MAPS.move_to_end(path)
-        return mapping
-    try:
-        with open(path, "rb") as f:
-            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    except (OSError, ValueError):
-        return None
-    _MAPS[path] = mapping
-    while len(_MAPS) > _MAX_MAPS:
-        _MAPS.popitem(last=False)[1].close()
-    return mapping
-
-
+_WINDOW = 256  # sample ids the download and ready threads take at a time
 def collate_latents(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack latents and labels; keep ids a Python list (they seed per-sample draws on the host, no sync)."""
     return {

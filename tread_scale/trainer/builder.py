@@ -57,8 +57,8 @@ def per_rank_batch(cfg: RunConfig, world_size: int) -> int:
 
 
 def build_dataloader(cfg: RunConfig, meta: LatentMetadata, batch_size: int) -> DataLoader:
-    """The training DataLoader over a :class:`LatentStreamingDataset` (never wrapped)."""
-    from tread_scale.data.dataset import LatentStreamingDataset, collate_latents
+    """The training DataLoader over a batched :class:`LatentStreamingDataset` (never wrapped)."""
+    from tread_scale.data.dataset import BatchLoader, LatentStreamingDataset
 
     d = cfg.data
     if s3.is_s3(d.remote):
@@ -73,6 +73,7 @@ def build_dataloader(cfg: RunConfig, meta: LatentMetadata, batch_size: int) -> D
     dataset = LatentStreamingDataset(
         latent_shape=tuple(meta.latent_shape),
         num_classes=cfg.model.num_classes,
+        batched=True,
         split=d.split,
         batch_size=batch_size,
         shuffle=d.shuffle,
@@ -88,13 +89,10 @@ def build_dataloader(cfg: RunConfig, meta: LatentMetadata, batch_size: int) -> D
         **location,
     )
     workers = d.num_workers
-    return DataLoader(
+    return BatchLoader(
         dataset,
-        batch_size=batch_size,
-        collate_fn=collate_latents,
         num_workers=workers,
         pin_memory=d.pin_memory and torch.cuda.is_available(),
-        drop_last=True,
         persistent_workers=d.persistent_workers and workers > 0,
         prefetch_factor=d.prefetch_factor if workers > 0 else None,
         multiprocessing_context=d.worker_start_method if workers > 0 else None,
