@@ -107,13 +107,14 @@ def _guidance(args: argparse.Namespace):
 
 
 def _run_sample(args: argparse.Namespace) -> int:
-    from tread_scale.evaluation.generate import init_distributed_from_env
+    from tread_scale.evaluation.generate import launched_process_group
     from tread_scale.sample_cli import sample_to_folder
 
-    init_distributed_from_env()
     labels = [int(x) for x in args.labels.split(",")] if args.labels else None
-    out = sample_to_folder(args.weights, args.out, num=args.num, seed=args.seed, labels=labels, steps=args.steps,
-                           guidance=_guidance(args), vae=args.vae, batch_size=args.batch_size, device=args.device)
+    with launched_process_group():
+        out = sample_to_folder(args.weights, args.out, num=args.num, seed=args.seed, labels=labels,
+                               steps=args.steps, guidance=_guidance(args), vae=args.vae, batch_size=args.batch_size,
+                               device=args.device)
     if out:
         log.info("wrote %s and %s", out["grid"], out["npz"])
     return 0
@@ -151,16 +152,22 @@ def _add_fid(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_fid(args: argparse.Namespace) -> int:
+    from tread_scale.evaluation.generate import launched_process_group
+
+    with launched_process_group():
+        return _fid(args)
+
+
+def _fid(args: argparse.Namespace) -> int:
     import json
 
     from tread_scale.diffusion.edm import EDM
     from tread_scale.evaluation.fid import dataset_images, features_of, folder_images, scores
-    from tread_scale.evaluation.generate import generate, init_distributed_from_env, rank_indices, world
+    from tread_scale.evaluation.generate import generate, rank_indices, world
     from tread_scale.evaluation.inception import load_inception
     from tread_scale.evaluation.metrics import ReferenceStats
     from tread_scale.sample_cli import load_net, make_decoder, resolve_device
 
-    init_distributed_from_env()
     dev = resolve_device(args.device)
     inception = load_inception(args.inception, dev)
     net, meta = load_net(args.weights, dev)
