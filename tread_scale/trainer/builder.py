@@ -18,6 +18,7 @@ from tread_scale.data.metadata import LatentMetadata, check_against_model, read_
 from tread_scale.errors import ConfigError
 from tread_scale.factory import build_dit, build_objective
 from tread_scale.log_setup import redact, setup_logging
+from tread_scale.sampling import SamplerSettings
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +168,9 @@ def _evaluation_callbacks(cfg: RunConfig, meta: LatentMetadata, ema, dataset, de
         return build_dit(cfg.model, cfg.routes, cfg.routing_seed)
 
     if ev.fid_every:
-        out.append(FIDMonitor(make_net, ema, ev.inception, ev.reference, ev.fid_every, ev.fid_num_samples,
-                              cfg.objective.kind, ev.fid_steps, ev.fid_cfg_scale, meta.num_classes, decode,
-                              run_dir / "eval.jsonl", ev.fid_batch_size, cfg.objective.sigma_data))
+        sampler = SamplerSettings(cfg.objective.kind, ev.fid_steps, ev.fid_cfg_scale, cfg.objective.sigma_data)
+        out.append(FIDMonitor(make_net, ema, ev.inception, ev.reference, ev.fid_every, ev.fid_num_samples, sampler,
+                              meta.num_classes, decode, run_dir / "eval.jsonl", ev.fid_batch_size))
     if ev.val_every:
         levels = ev.val_levels or ([0.1, 0.5, 1.0, 2.0] if cfg.objective.kind == "edm" else [0.1, 0.3, 0.5, 0.7, 0.9])
         out.append(ValidationLoss(dataset, make_net, ema, build_objective(cfg.objective), levels, ev.val_every,
@@ -252,10 +253,11 @@ def build_trainer(cfg: RunConfig):
     decode = _make_decoder(cfg, meta)
     grid = SampleGrid(
         make_net=lambda: build_dit(cfg.model, cfg.routes, cfg.routing_seed),
-        ema=ema, out_dir=run_dir / "samples", interval=cfg.sampling.every, objective=cfg.objective.kind,
-        num_classes=meta.num_classes, num_images=cfg.sampling.num_images, steps=cfg.sampling.steps,
-        cfg_scale=cfg.sampling.cfg_scale, seed=cfg.sampling.seed, decode=decode,
-        at_fit_end=cfg.sampling.at_fit_end, sigma_data=cfg.objective.sigma_data,
+        ema=ema, out_dir=run_dir / "samples", interval=cfg.sampling.every,
+        sampler=SamplerSettings(cfg.objective.kind, cfg.sampling.steps, cfg.sampling.cfg_scale,
+                                cfg.objective.sigma_data),
+        num_classes=meta.num_classes, num_images=cfg.sampling.num_images, seed=cfg.sampling.seed, decode=decode,
+        at_fit_end=cfg.sampling.at_fit_end,
     )
     metrics = MetricsLog(run_dir / "metrics.jsonl", interval=cfg.logging.metrics_interval,
                          peak_flops=cfg.logging.peak_flops)

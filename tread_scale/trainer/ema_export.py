@@ -13,9 +13,8 @@ from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
 
 from tread_scale.data import object_store as s3
-from tread_scale.parallel.params import full_state_dict
 from tread_scale.trainer.ema import EMA
-from tread_scale.trainer.utils import dit_of
+from tread_scale.trainer.net_copy import weights_to_sample
 from tread_scale.weights import save_weights
 
 log = logging.getLogger(__name__)
@@ -49,10 +48,7 @@ class EMAExport(Callback):
             self.export(state)
 
     def export(self, state: State) -> Path | None:
-        if self.ema is not None:
-            weights = self.ema.full_state_dict(state)
-        else:
-            weights = full_state_dict(dit_of(state.model))
+        weights = weights_to_sample(state, self.ema)
         if dist.get_global_rank() != 0:
             return None
         step = int(state.timestamp.batch)

@@ -14,13 +14,11 @@ from composer.loggers import Logger
 from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
 
-from tread_scale.diffusion.edm import EDM
-from tread_scale.diffusion.guidance import Guidance
 from tread_scale.models.dit import DiT
-from tread_scale.parallel.params import full_state_dict
 from tread_scale.rng import mix_seed
+from tread_scale.sampling import SamplerSettings
 from tread_scale.trainer.ema import EMA
-from tread_scale.trainer.utils import dit_of
+from tread_scale.trainer.net_copy import NetCopy, weights_to_sample
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +42,7 @@ class FIDMonitor(Callback):
         reference: ADM-style ``.npz`` of reference statistics.
         interval: e.g. ``10000ba``.
         num_samples: Samples per evaluation (5000 in the reference: FID-5K).
-        objective: ``edm`` or ``rf``; ``steps``, ``cfg_scale``: sampler settings.
+        sampler: Objective, steps, guidance scale and σ_data of the sampler.
         num_classes: Labels are drawn per seed from ``0..num_classes-1``.
         decode: Latents → images, or ``None`` for pixel-space data.
         eval_file: ``eval.jsonl`` path.
@@ -52,26 +50,22 @@ class FIDMonitor(Callback):
     """
 
     def __init__(self, make_net: Callable[[], DiT], ema: EMA | None, inception_path: str, reference: str,
-                 interval: str, num_samples: int, objective: str, steps: int, cfg_scale: float, num_classes: int,
+                 interval: str, num_samples: int, sampler: SamplerSettings, num_classes: int,
                  decode: Callable[[torch.Tensor], torch.Tensor] | None, eval_file: str | Path,
-                 batch_size: int = 32, sigma_data: float = 0.5) -> None:
+                 batch_size: int = 32) -> None:
         from tread_scale.evaluation.metrics import ReferenceStats
 
-        self.make_net = make_net
+        self.net = NetCopy(make_net)
         self.ema = ema
         self.inception_path = inception_path
         self.reference = ReferenceStats.load(reference)
         self._due = create_interval_scheduler(interval, include_end_of_training=False, checkpoint_events=False)
         self.num_samples = num_samples
-        self.objective = objective
-        self.steps = steps
-        self.cfg_scale = cfg_scale
+        self.sampler = sampler
         self.num_classes = num_classes
         self.decode = decode
         self.eval_file = Path(eval_file)
         self.batch_size = batch_size
-        self.sigma_data = sigma_data
-        self._net: DiT | None = None
         self._inception = None
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
@@ -85,20 +79,17 @@ class FIDMonitor(Callback):
         from tread_scale.evaluation.inception import load_inception
 
         t0 = time.time()
-        weights = self.ema.full_state_dict(state) if self.ema is not None else full_state_dict(dit_of(state.model))
-        device = next(dit_of(state.model).parameters()).device
-        if self._net is None:
-            self._net = self.make_net()
+        net = self.net.load(state, weights_to_sample(state, self.ema))
+        device = next(net.parameters()).device
+        if self._inception is None:
             self._inception = load_inception(self.inception_path, device)
-        net = self._net.to(device)
-        net.load_state_dict(weights, strict=True)
         rank, world_size = dist.get_global_rank(), dist.get_world_size()
         batches = (images for _, _, images, _ in generate(
-            net, self.objective, rank_indices(self.num_samples, rank, world_size), seed=0,
-            num_classes=self.num_classes, steps=self.steps, guidance=Guidance(cfg_scale=self.cfg_scale),
-            edm=EDM(sigma_data=self.sigma_data), device=device, batch_size=self.batch_size, decode=self.decode))
+            net, self.sampler.objective, rank_indices(self.num_samples, rank, world_size), seed=0,
+            num_classes=self.num_classes, steps=self.sampler.steps, guidance=self.sampler.guidance(),
+            edm=self.sampler.edm(), device=device, batch_size=self.batch_size, decode=self.decode))
         result = scores(features_of(batches, self._inception, device), self.reference)
-        net.to("cpu")
+        self.net.park()
         step = int(state.timestamp.batch)
         logger.log_metrics({"eval/fid": result["fid"]})
         if rank == 0:
@@ -129,7 +120,7 @@ class ValidationLoss(Callback):
     def __init__(self, dataset, make_net: Callable[[], DiT], ema: EMA | None, objective, levels: list[float],
                  interval: str, num_samples: int, eval_file: str | Path) -> None:
         self.dataset = dataset
-        self.make_net = make_net
+        self.net = NetCopy(make_net)
         self.ema = ema
         self.objective = objective
         self.levels = [float(v) for v in levels]
@@ -137,7 +128,6 @@ class ValidationLoss(Callback):
                                               final_events={Event.BATCH_END})
         self.num_samples = num_samples
         self.eval_file = Path(eval_file)
-        self._net: DiT | None = None
         self._batch = None
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
@@ -159,12 +149,8 @@ class ValidationLoss(Callback):
 
     @torch.no_grad()
     def evaluate(self, state: State, logger: Logger) -> float:
-        weights = self.ema.full_state_dict(state) if self.ema is not None else full_state_dict(dit_of(state.model))
-        device = next(dit_of(state.model).parameters()).device
-        if self._net is None:
-            self._net = self.make_net()
-        net = self._net.to(device)
-        net.load_state_dict(weights, strict=True)
+        net = self.net.load(state, weights_to_sample(state, self.ema))
+        device = next(net.parameters()).device
         net.eval()
         x, y, noise = self._fixed_batch(device)
         sums = torch.zeros(len(self.levels) + 1, dtype=torch.float64, device=device)
@@ -174,7 +160,7 @@ class ValidationLoss(Callback):
         sums[-1] = x.shape[0]
         dist.all_reduce(sums, reduce_operation="SUM")
         per_level = (sums[:-1] / sums[-1]).tolist()
-        net.to("cpu")
+        self.net.park()
         mean = float(sum(per_level) / len(per_level))
         metrics = {"val/loss": mean, **{f"val/loss@{lv:g}": v for lv, v in zip(self.levels, per_level)}}
         logger.log_metrics(metrics)

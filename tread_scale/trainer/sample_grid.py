@@ -13,13 +13,11 @@ from composer.loggers import Logger
 from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
 
-from tread_scale.diffusion.guidance import Guidance
 from tread_scale.imaging import make_grid, save_png, to_uint8
 from tread_scale.models.dit import DiT
-from tread_scale.sampling import sample_latents, seeded_noise
-from tread_scale.parallel.params import full_state_dict
+from tread_scale.sampling import SamplerSettings, sample_latents, seeded_noise
 from tread_scale.trainer.ema import EMA
-from tread_scale.trainer.utils import dit_of
+from tread_scale.trainer.net_copy import NetCopy, weights_to_sample
 
 log = logging.getLogger(__name__)
 
@@ -36,36 +34,28 @@ class SampleGrid(Callback):
         ema: EMA callback whose weights are sampled (raw weights if ``None``).
         out_dir: Folder for ``ba<N>.png`` and ``latest.png``.
         interval: e.g. ``500ba``; ``None`` samples only at the end of training.
-        objective: ``edm`` or ``rf``.
+        sampler: Objective, steps, guidance scale and σ_data of the sampler.
         num_classes: Labels cycle through ``0..num_classes-1``.
         num_images: Images per grid.
-        steps: Sampler steps.
-        cfg_scale: Classifier-free guidance scale (1 = none).
         seed: First seed.
         decode: Maps latents to images in [-1, 1] (a VAE decoder), or ``None`` for pixel-space data.
         at_fit_end: Also sample when training ends.
-        sigma_data: σ_data of the EDM objective.
     """
 
     def __init__(self, make_net: Callable[[], DiT], ema: EMA | None, out_dir: str | Path, interval: str | None,
-                 objective: str, num_classes: int, num_images: int = 16, steps: int = 18, cfg_scale: float = 1.0,
-                 seed: int = 0, decode: Callable[[torch.Tensor], torch.Tensor] | None = None, at_fit_end: bool = True,
-                 sigma_data: float = 0.5) -> None:
-        self.make_net = make_net
+                 sampler: SamplerSettings, num_classes: int, num_images: int = 16, seed: int = 0,
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None, at_fit_end: bool = True) -> None:
+        self.net = NetCopy(make_net)
         self.ema = ema
         self.out_dir = Path(out_dir)
-        self.objective = objective
+        self.sampler = sampler
         self.num_classes = num_classes
         self.num_images = num_images
-        self.steps = steps
-        self.cfg_scale = cfg_scale
         self.seed = seed
         self.decode = decode
-        self.sigma_data = sigma_data
         self.at_fit_end = at_fit_end
         self._due = (create_interval_scheduler(interval, include_end_of_training=False, checkpoint_events=False)
                      if interval else None)
-        self._net: DiT | None = None
         self._last_batch = -1
         self.last_grid: Path | None = None
 
@@ -80,24 +70,16 @@ class SampleGrid(Callback):
 
     @torch.no_grad()
     def generate(self, state: State, logger: Logger) -> Path | None:
-        if self.ema is not None:
-            weights = self.ema.full_state_dict(state)
-        else:
-            weights = full_state_dict(dit_of(state.model))
+        weights = weights_to_sample(state, self.ema)
         if dist.get_global_rank() != 0:
             return None
-        device = next(dit_of(state.model).parameters()).device
-        if self._net is None:
-            self._net = self.make_net()
-        net = self._net.to(device)
-        net.load_state_dict(weights, strict=True)
+        net = self.net.load(state, weights)
+        device = next(net.parameters()).device
         seeds = [self.seed + i for i in range(self.num_images)]
         labels = torch.tensor([i % self.num_classes for i in range(self.num_images)], device=device)
         noise = seeded_noise(seeds, (net.in_channels, *net.input_size)).to(device)
-        from tread_scale.diffusion.edm import EDM
-
-        latents = sample_latents(net, self.objective, labels, noise, self.steps, Guidance(cfg_scale=self.cfg_scale),
-                                 edm=EDM(sigma_data=self.sigma_data))
+        latents = sample_latents(net, self.sampler.objective, labels, noise, self.sampler.steps,
+                                 self.sampler.guidance(), edm=self.sampler.edm())
         images = self.decode(latents) if self.decode is not None else latents
         nrow = self.num_classes if self.num_classes <= 12 else min(self.num_images, 8)  # a column per class
         grid = make_grid(to_uint8(images), nrow=nrow)
@@ -107,5 +89,5 @@ class SampleGrid(Callback):
         logger.log_images(grid, name="samples", channels_last=True, step=step)
         log.info("sample grid at batch %d: %s", step, path)
         self.last_grid = path
-        net.to("cpu")
+        self.net.park()
         return path
