@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import DEFAULT_ROUTES, build, step  # noqa: E402
 from tread_scale.diffusion.edm import EDM  # noqa: E402
 from tread_scale.models import parse_model_name  # noqa: E402
+from tread_scale.parallel.process_group import leave_process_group  # noqa: E402
 from tread_scale.routing import Route  # noqa: E402
 from tread_scale.routing.flops import model_flops  # noqa: E402
 
@@ -150,8 +151,7 @@ def main(argv=None) -> int:
             print(f"tread/dense step time{suffix or ' (eager)'}: {t['step_s'] / d['step_s']:.3f}")
     print("RESULT " + " ".join(f"{r['variant']}:img_s={r['img_s']:.1f},mfu={r['mfu']:.3f},mem={r['peak_gib']:.1f}"
                                for r in rows))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    leave_process_group()
     return 0
 
 

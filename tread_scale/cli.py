@@ -107,7 +107,7 @@ def _guidance(args: argparse.Namespace):
 
 
 def _run_sample(args: argparse.Namespace) -> int:
-    from tread_scale.evaluation.generate import launched_process_group
+    from tread_scale.parallel.process_group import launched_process_group
     from tread_scale.sample_cli import sample_to_folder
 
     labels = [int(x) for x in args.labels.split(",")] if args.labels else None
@@ -152,7 +152,7 @@ def _add_fid(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_fid(args: argparse.Namespace) -> int:
-    from tread_scale.evaluation.generate import launched_process_group
+    from tread_scale.parallel.process_group import launched_process_group
 
     with launched_process_group():
         return _fid(args)

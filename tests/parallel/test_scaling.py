@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from tread_scale.config import DeepSpeedConfig, FSDPConfig, ModelConfig
 from tread_scale.diffusion.edm import EDM
 from tread_scale.factory import build_dit
+from tread_scale.parallel.process_group import leave_process_group
 from tread_scale.parallel.scaling import Assumptions, Collective, comm_seconds, project, step_collectives
 
 from tests.conftest import tiny_model_cfg
@@ -76,7 +77,7 @@ def _worker(rank: int, world: int, store: str, backend: str, out):
         per_step.append({k: counts[k] - before[k] for k in counts})
     if rank == 0:
         out.put(per_step[-1])
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def _measure(backend: str, store) -> dict:

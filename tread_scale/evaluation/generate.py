@@ -8,7 +8,6 @@ one padded), so a sample's computation is the same whatever the world size.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -58,30 +57,3 @@ def generate(net: nn.Module, objective: str, indices: list[int], *, seed: int, n
         images = decode(lat) if decode is not None else lat
         keep = len(idx)
         yield idx, lat[:keep].float().cpu(), to_uint8(images[:keep]), ys[:keep]
-
-
-@contextmanager
-def launched_process_group() -> Iterator[None]:
-    """Within the block, be part of the process group a launcher described (``composer -n N`` / torchrun).
-
-    Nothing happens without a launcher. At the end of the block every rank waits for the others and then
-    leaves the group: a rank that exits while a peer still uses the group dies in gloo's destructor
-    ("terminate called without an active exception", seen in CI). After an error the group is left
-    without waiting, since a failed peer may never arrive.
-    """
-    import os
-
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        yield
-        return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
-    try:
-        yield
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
