@@ -236,7 +236,9 @@ def build_trainer(cfg: RunConfig):
     if cfg.model.init_from:
         _init_from(net, cfg.model.init_from)
     model = DiffusionModel(net, build_objective(cfg.objective), seed=cfg.seed)
-    fused = cfg.optimizer.fused if cfg.optimizer.fused is not None else device == "gpu"
+    # Fused AdamW: on GPU, and on CPU for plain (DDP) parameters, where it is 9x the default loop (B/2:
+    # 53 vs 487 ms a step); CPU FSDP2 (DTensor) and DeepSpeed parameters keep the default.
+    fused = cfg.optimizer.fused if cfg.optimizer.fused is not None else (device == "gpu" or par.backend == "ddp")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
                                   eps=cfg.optimizer.eps, weight_decay=cfg.optimizer.weight_decay, fused=fused)
     algorithms = []
