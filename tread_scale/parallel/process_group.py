@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -11,17 +12,24 @@ import torch.distributed as dist
 
 
 def leave_process_group() -> None:
-    """Wait for every rank, then destroy the default process group.
+    """Wait for every rank, let gloo's workers settle, then destroy the default process group.
 
-    Destroying a gloo group right after a collective can deadlock (torch 2.7): the destructor joins gloo's
-    worker thread while holding the GIL, and that thread may still be releasing the collective's tensor,
-    which needs the GIL (seen as a two-rank test hanging for ever, one run in three). The barrier's wait
-    releases the GIL, so those threads finish first. A rank that exits without destroying the group dies
-    in the same destructor at interpreter exit ("terminate called without an active exception").
+    Destroying a gloo group right after a collective can deadlock (torch 2.7): the destructor holds the
+    GIL while it joins gloo's worker threads, and a worker may still be freeing finished work items (a
+    barrier holds the collectives before it) whose tensors Python no longer references, which needs the
+    GIL (py-spy showed both threads; a two-rank test hung one run in three). After the barrier this
+    sleeps briefly, without the GIL, so the workers finish first: it narrows the race to nothing seen in
+    48 runs, it does not remove it (that needs a torch fix). A rank that exits without destroying the
+    group can die in the same destructor at interpreter exit ("terminate called without an active
+    exception").
     """
     if dist.is_initialized():
         dist.barrier()
+        time.sleep(_SETTLE_S)
         dist.destroy_process_group()
+
+
+_SETTLE_S = 0.2
 
 
 @contextmanager
