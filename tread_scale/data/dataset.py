@@ -127,10 +127,13 @@ class LatentStreamingDataset(StreamingDataset):
     def _ahead(self, it, index: int) -> bool:
         return self.predownload is not None and index - it.yield_index > self.predownload
 
+    def _shard_of(self, ids: np.ndarray) -> np.ndarray:
+        """The shard of each sample id (``self.spanner`` for a whole array at once)."""
+        return np.searchsorted(self.sample_offset_per_shard, ids, side="right") - 1
+
     def _shards_of(self, ids: np.ndarray) -> np.ndarray:
-        """The shard of each sample id, in order of first appearance, without repeats (``-1`` ids skipped)."""
-        ids = ids[ids >= 0]
-        shards = np.searchsorted(self.sample_offset_per_shard, ids, side="right") - 1
+        """The shards of sample ids, in order of first appearance, without repeats (``-1`` ids skipped)."""
+        shards = self._shard_of(ids[ids >= 0])
         unique, first = np.unique(shards, return_index=True)
         return unique[np.argsort(first)]
 
@@ -317,7 +320,7 @@ class LatentStreamingDataset(StreamingDataset):
         falls back to :meth:`get_item` per sample when a shard cannot be mapped.
         """
         ids = np.asarray(sample_ids, dtype=np.int64)
-        shards = np.searchsorted(self.sample_offset_per_shard, ids, side="right") - 1
+        shards = self._shard_of(ids)
         rows = ids - self.sample_offset_per_shard[shards]
         latents, labels, out_ids = None, np.empty(len(ids), np.int64), ids.copy()
         for shard_id in np.unique(shards).tolist():
