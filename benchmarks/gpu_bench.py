@@ -10,6 +10,10 @@ Compilation is per block (``block.compile()``): routing changes the sequence len
 blocks and the routed span, so each block sees at most two static shapes and compiles one graph per shape;
 the gather/scatter between blocks stays eager.
 
+Variant ``reference`` routes the same network the way the spec describes the reference doing it (clone at
+route start, argsort draw, the block after the route in fp32: ``reference_style.py``); it prints our TREAD
+step time over that one.
+
     benchmarks/gpu_bench.sh                 # all variants, < 8 minutes on an H100
     python benchmarks/gpu_bench.py --variants dense,tread --batch 64
 """
@@ -29,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_step import DEFAULT_ROUTES, build, step  # noqa: E402
+from reference_style import ReferenceStyleRouting  # noqa: E402
 from tread_scale.diffusion.edm import EDM  # noqa: E402
 from tread_scale.models import parse_model_name  # noqa: E402
 from tread_scale.parallel.process_group import leave_process_group  # noqa: E402
@@ -38,7 +43,7 @@ from tread_scale.routing.flops import model_flops  # noqa: E402
 #: Dense bf16 tensor-core peak FLOP/s per chip (vendor datasheets, without sparsity).
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "A100": 312e12, "L40S": 362.05e12,
              "B200": 2250e12}
-VARIANTS = ["dense", "tread", "dense+compile", "tread+compile", "dense+fsdp2", "tread+fsdp2"]
+VARIANTS = ["dense", "tread", "reference", "dense+compile", "tread+compile", "dense+fsdp2", "tread+fsdp2"]
 
 
 def peak_flops(override_tflops: float | None) -> float | None:
@@ -52,10 +57,10 @@ def peak_flops(override_tflops: float | None) -> float | None:
 
 
 def prepare(variant: str, size, patch: int, route: Route, device: torch.device):
-    net, opt = build(size, patch, [route] if variant.startswith("tread") else [], device)
-    if "compile" in variant:
-        for block in net.blocks:
-            block.compile()
+    routed = variant.startswith(("tread", "reference"))
+    net, opt = build(size, patch, [route] if routed else [], device, compile_blocks="compile" in variant)
+    if variant == "reference":  # the reference's routing mechanics on the same network (reference_style.py)
+        return ReferenceStyleRouting(net, net.router.resolved), opt
     if "fsdp2" in variant:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -132,7 +137,7 @@ def main(argv=None) -> int:
         if variant not in VARIANTS:
             raise SystemExit(f"unknown variant {variant!r}; choose from {VARIANTS}")
         net, opt = prepare(variant, size, patch, route, device)
-        flops = model_flops(net, [route] if variant.startswith("tread") else [])
+        flops = model_flops(getattr(net, "net", net), [route] if variant.startswith(("tread", "reference")) else [])
         per_image = flops.train_routed
         r = measure(variant, net, opt, x, y, args.warmup, args.steps, device)
         r["img_s"] = args.batch / r["step_s"]
@@ -149,6 +154,8 @@ def main(argv=None) -> int:
         d, t = by.get("dense" + suffix), by.get("tread" + suffix)
         if d and t:
             print(f"tread/dense step time{suffix or ' (eager)'}: {t['step_s'] / d['step_s']:.3f}")
+    if "tread" in by and "reference" in by:
+        print(f"tread/reference step time (eager): {by['tread']['step_s'] / by['reference']['step_s']:.3f}")
     print("RESULT " + " ".join(f"{r['variant']}:img_s={r['img_s']:.1f},mfu={r['mfu']:.3f},mem={r['peak_gib']:.1f}"
                                for r in rows))
     leave_process_group()

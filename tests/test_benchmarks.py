@@ -15,9 +15,11 @@ def _run(*args, timeout=300):
 
 
 def test_bench_step_prints_both_ratios():
-    last = _run("benchmarks/bench_step.py", "--model", "S/8", "--batch", "2", "--pairs", "2", "--warmup", "1")[-1]
-    m = re.fullmatch(r"measured_ratio=([\d.]+) flop_ratio=([\d.]+)", last)
+    out = _run("benchmarks/bench_step.py", "--model", "S/8", "--batch", "2", "--pairs", "2", "--warmup", "1",
+               "--reference")
+    m = re.fullmatch(r"measured_ratio=([\d.]+) flop_ratio=([\d.]+)", out[-1])
     assert m and 0 < float(m.group(1)) < 2 and 0.5 < float(m.group(2)) < 1
+    assert re.fullmatch(r"ours_vs_reference=[\d.]+", out[-3])
 
 
 def test_bench_data_compares_mds_and_per_file_reads(tmp_path):
@@ -29,6 +31,7 @@ def test_bench_data_compares_mds_and_per_file_reads(tmp_path):
 
 def test_gpu_bench_code_paths_run_on_cpu():
     out = _run("benchmarks/gpu_bench.py", "--cpu-smoke", "--model", "S/8", "--batch", "2", "--warmup", "1",
-               "--steps", "1", "--variants", "dense,tread,tread+fsdp2", "--peak-tflops", "1")
+               "--steps", "1", "--variants", "dense,tread,reference,tread+fsdp2", "--peak-tflops", "1")
     assert out[-1].startswith("RESULT dense:img_s=") and "tread+fsdp2:img_s=" in out[-1]
     assert any(line.startswith("tread/dense step time (eager):") for line in out)
+    assert any(line.startswith("tread/reference step time (eager):") for line in out)
