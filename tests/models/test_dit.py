@@ -22,6 +22,16 @@ def test_output_shape_and_null_label():
     assert net.null_label == 5 and net.y_embedder.embedding_table.num_embeddings == 6
 
 
+def test_blocks_read_a_token_major_residual_stream():
+    """The patch embedding's transposed view must not set the layout of the whole residual stream."""
+    net = tiny()
+    strides = []
+    for block in net.blocks:
+        block.register_forward_pre_hook(lambda m, args: strides.append(args[0].is_contiguous()))
+    net(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1]))
+    assert strides == [True] * 4
+
+
 @pytest.mark.parametrize("channels,size,patch", [(3, 16, 4), (8, 12, 2), (16, 8, 8)])
 def test_any_channel_count_and_resolution(channels, size, patch):
     net = tiny(in_channels=channels, input_size=size, patch_size=patch)

@@ -61,7 +61,10 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # contiguous(): the transposed view would otherwise set the memory layout of the whole residual
+        # stream (elementwise ops follow their first input's strides), so every block would read its tokens
+        # with stride N along D (measured: 2% of a B/2 block in fp32, 5-10% in bf16, on CPU).
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class TimestepEmbedder(nn.Module):
