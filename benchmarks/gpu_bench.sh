@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark in one short call (< 8 minutes on one H100): DiT-XL/2 dense vs TREAD, bf16, eager,
-# per-block torch.compile and FSDP2 on one GPU. Prints a table and a RESULT line; writes it to $OUT if set.
+# per-block torch.compile, FSDP2 on one GPU, and the reference's routing mechanics (variant reference).
+# Prints a table and a RESULT line; writes it to $OUT if set.
 #   benchmarks/gpu_bench.sh [--batch 64] [--variants dense,tread]
 set -euo pipefail
 cd "$(dirname "$0")/.."
