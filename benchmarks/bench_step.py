@@ -50,7 +50,7 @@ def build(size, patch, routes, device, compile_blocks=False, seed=0):
 def step(net, opt, objective, x, y, gen_seed, device, autocast):
     gen = torch.Generator(device=device).manual_seed(gen_seed)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        loss = objective.training_loss(net, x, y, 1000, generator=gen)  # 1000: the null label
+        loss = objective.training_loss(net, x, y, net.null_label, generator=gen)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -7,8 +7,9 @@ step time, images/s, peak memory and MFU (model FLOPs, routing-aware, per second
 bf16 peak). The table's last column is TREAD/dense step time within each pair of variants.
 
 Compilation is per block (``block.compile()``): routing changes the sequence length between the dense
-blocks and the routed span, so each block sees at most two static shapes and compiles one graph per shape;
-the gather/scatter between blocks stays eager.
+blocks and the routed span, so each block sees at most two shapes: the first compile is static, the
+change of length recompiles once (dynamo makes that graph dynamic in the length); the gather/scatter
+between blocks stays eager.
 
 Variant ``reference`` routes the same network the way the spec describes the reference doing it (clone at
 route start, argsort draw, the block after the route in fp32: ``reference_style.py``); it prints our TREAD
@@ -56,9 +57,13 @@ def peak_flops(override_tflops: float | None) -> float | None:
     return None
 
 
+def routes_of(variant: str, route: Route) -> list[Route]:
+    """The routes a variant trains with: ``tread*`` and ``reference`` route, ``dense*`` does not."""
+    return [route] if variant.startswith(("tread", "reference")) else []
+
+
 def prepare(variant: str, size, patch: int, route: Route, device: torch.device):
-    routed = variant.startswith(("tread", "reference"))
-    net, opt = build(size, patch, [route] if routed else [], device, compile_blocks="compile" in variant)
+    net, opt = build(size, patch, routes_of(variant, route), device, compile_blocks="compile" in variant)
     if variant == "reference":  # the reference's routing mechanics on the same network (reference_style.py)
         return ReferenceStyleRouting(net, net.router.resolved), opt
     if "fsdp2" in variant:
@@ -137,7 +142,7 @@ def main(argv=None) -> int:
         if variant not in VARIANTS:
             raise SystemExit(f"unknown variant {variant!r}; choose from {VARIANTS}")
         net, opt = prepare(variant, size, patch, route, device)
-        flops = model_flops(getattr(net, "net", net), [route] if variant.startswith(("tread", "reference")) else [])
+        flops = model_flops(getattr(net, "net", net), routes_of(variant, route))
         per_image = flops.train_routed
         r = measure(variant, net, opt, x, y, args.warmup, args.steps, device)
         r["img_s"] = args.batch / r["step_s"]

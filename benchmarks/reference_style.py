@@ -43,6 +43,10 @@ class ReferenceStyleRouting(nn.Module):
         self.routes = list(routes)
         self.drawn: list[torch.Tensor] = []
 
+    @property
+    def null_label(self) -> int:
+        return self.net.null_label
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         net = self.net
         tokens = net.x_embedder(x) + net.pos_embed
