@@ -10,6 +10,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+_SETTLE_S = 0.2  # seconds without the GIL between the barrier and destroy (see leave_process_group)
+
 
 def leave_process_group() -> None:
     """Wait for every rank, let gloo's workers settle, then destroy the default process group.
@@ -27,9 +29,6 @@ def leave_process_group() -> None:
         dist.barrier()
         time.sleep(_SETTLE_S)
         dist.destroy_process_group()
-
-
-_SETTLE_S = 0.2
 
 
 @contextmanager
