@@ -115,9 +115,14 @@ class EMAConfig:
 class DataConfig:
     """The training data: MDS shards of latents, streamed with mosaicml-streaming.
 
-    ``remote`` is ``s3://bucket/prefix`` or a local folder. ``local`` is the per-node cache (default:
-    ``<run_dir>/data_cache``). The streaming ``batch_size`` is not a knob: it is always the per-rank
-    batch (``train.global_batch_size / world_size``) so that ranks cannot disagree on it.
+    ``remote`` is ``s3://bucket/prefix`` or a local folder. ``local`` is the cache root (default:
+    ``<run_dir>/data_cache``); each node caches in its own ``node<N>`` folder below it, because streaming
+    coordinates a cache only within a node. A local folder whose shards are all uncompressed is read in
+    place; a compressed one is decompressed into that per-node cache, never into the dataset's folder.
+    ``stall_timeout``: seconds a data wait (a shard, the next batch) may go without progress before the
+    run fails naming the shard, its state, the rank and the node. The streaming ``batch_size`` is not a
+    knob: it is always the per-rank batch (``train.global_batch_size / world_size``) so that ranks cannot
+    disagree on it.
     """
 
     remote: str = ""
@@ -132,6 +137,7 @@ class DataConfig:
     cache_limit: str | None = None
     download_timeout: float = 60.0
     download_retry: int = 6
+    stall_timeout: float = 300.0
     validate_hash: str | None = None
     num_workers: int = 2
     worker_start_method: Literal["fork", "spawn", "forkserver"] = "fork"
@@ -198,7 +204,10 @@ class TrainConfig:
     """Loop, precision, devices and checkpoints.
 
     ``preemption_flag``: a file whose appearance makes every rank checkpoint and stop (the Slurm scripts
-    set it; SIGUSR1/SIGTERM to a training process do the same). ``nonfinite_loss``: on a NaN/Inf loss,
+    set it; SIGUSR1/SIGTERM to a training process do the same). ``preemption_grace``: seconds from such a
+    signal to the start of the checkpoint; a rank stuck longer (or given a second SIGTERM) dumps its threads
+    and exits non-zero. ``barrier_timeout``: bound of the barriers at the start and end of training, whose
+    error names the ranks that did not arrive. ``nonfinite_loss``: on a NaN/Inf loss,
     ``stop`` with a clear error (the last checkpoint stays the last good one) or ``skip`` the batch's update
     (up to ``max_skipped_batches`` in a row; not with DeepSpeed). ``compile``: ``torch.compile`` each DiT
     block (with ``compile_backend``); routing gives a block at most two sequence lengths, so it compiles
@@ -216,6 +225,8 @@ class TrainConfig:
     autoresume: bool = True
     deterministic: bool = False
     preemption_flag: str | None = None
+    preemption_grace: float = 30.0
+    barrier_timeout: float = 600.0
     nonfinite_loss: Literal["stop", "skip"] = "stop"
     max_skipped_batches: int = 10
     compile: bool = False
@@ -332,8 +343,9 @@ class RunConfig:
     def checkpoint_folder(self) -> str:
         return self.train.save_folder or str(self.run_dir / "checkpoints")
 
-    def data_cache(self) -> str:
-        return self.data.local or str(self.run_dir / "data_cache")
+    def data_cache(self, node: int = 0) -> str:
+        """The data cache of node ``node``: its own folder below ``data.local`` (or the run folder)."""
+        return str(Path(self.data.local or self.run_dir / "data_cache") / f"node{node}")
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -353,6 +365,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     resolve_routes(cfg.routes, size.depth)
     if not cfg.data.remote:
         raise ConfigError("data.remote must be set (s3://bucket/prefix or a local folder of MDS shards)")
+    for key, value in (("data.stall_timeout", cfg.data.stall_timeout),
+                       ("train.preemption_grace", cfg.train.preemption_grace),
+                       ("train.barrier_timeout", cfg.train.barrier_timeout)):
+        if not value > 0:
+            raise ConfigError(f"{key}={value} must be a positive number of seconds")
     if cfg.train.global_batch_size < 1:
         raise ConfigError(f"train.global_batch_size must be >= 1, got {cfg.train.global_batch_size}")
     mb = cfg.train.device_microbatch_size

@@ -27,3 +27,11 @@ class ObjectStoreError(TreadScaleError):
 
 class CheckpointError(TreadScaleError):
     """A checkpoint or weight file is missing, malformed or unsafe to load."""
+
+
+class DataStallError(DatasetError):
+    """A wait in the data path (a shard, a download, a peer) passed its bound (``data.stall_timeout``)."""
+
+
+class DistributedTimeoutError(TreadScaleError):
+    """A collective (a barrier at the start or end of training) passed its bound; names the absent ranks."""

@@ -6,6 +6,7 @@ import numpy as np
 from streaming.base.util import clean_stale_shared_memory
 
 from tread_scale.data.dataset import LatentStreamingDataset
+from tread_scale.data.location import default_cache, stream_location
 from tread_scale.data.metadata import read_metadata
 
 
@@ -13,7 +14,7 @@ def read_back(root: str, cache: str | None = None) -> tuple[np.ndarray, np.ndarr
     """All samples of a dataset as ``(ids, latents, labels)`` sorted by id."""
     clean_stale_shared_memory()
     meta = read_metadata(root)
-    kwargs = {"remote": root, "local": cache} if root.startswith("s3://") else {"local": root}
+    kwargs = stream_location(root, cache or default_cache(root))
     ds = LatentStreamingDataset(latent_shape=meta.latent_shape, num_classes=meta.num_classes, shuffle=False,
                                 batch_size=1, **kwargs)
     items = sorted((int(s["id"]), s["latent"].numpy(), int(s["label"])) for s in (ds[i] for i in range(len(ds))))

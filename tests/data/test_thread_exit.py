@@ -22,6 +22,7 @@ def test_dying_thread_reports_its_exit(latent_dataset, tmp_path, monkeypatch, th
         raise ConnectionError("endpoint gone")
 
     monkeypatch.setattr(ds, "prepare_shard", download)
+    monkeypatch.setattr(ds, "_prepare_now", download)
     ds._event = __import__("threading").Event()
     it = _Iterator(np.arange(4))
     with pytest.raises(ConnectionError):

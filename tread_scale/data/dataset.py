@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader
 
 from tread_scale.data.metadata import parse_ndarray_encoding
 from tread_scale.data.records import finite_rows, shard_layout, shard_records
-from tread_scale.errors import DatasetError, DatasetMismatchError, ObjectStoreError
+from tread_scale.cluster.diagnostics import dump_threads, whereabouts
+from tread_scale.errors import DatasetError, DatasetMismatchError, DataStallError, ObjectStoreError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ class LatentStreamingDataset(StreamingDataset):
     Args:
         latent_shape: Expected ``(C, H, W)``; the ``latent`` column must have exactly this static shape.
         num_classes: Labels must be in ``0..num_classes-1``; checked per sample.
+        stall_timeout: Seconds any wait of the data path (a shard another process prepares, the next ready
+            window) may last without progress before the read fails with :class:`DataStallError`, which
+            names the shard, its state, the rank and the node; every thread's stack goes to stderr.
         batched: Iterate whole batches of ``batch_size`` samples (each what :func:`collate_latents` makes of
             them, read with :meth:`get_batch`) instead of single samples; a worker's last incomplete batch is
             dropped, as a ``DataLoader(drop_last=True)`` drops it. Pair with :class:`BatchLoader`.
@@ -49,7 +53,7 @@ class LatentStreamingDataset(StreamingDataset):
     """
 
     def __init__(self, *, latent_shape: tuple[int, int, int], num_classes: int, batched: bool = False,
-                 **kwargs: Any) -> None:
+                 stall_timeout: float = 300.0, **kwargs: Any) -> None:
         import json
 
         where = kwargs.get("remote") or kwargs.get("local")
@@ -61,6 +65,10 @@ class LatentStreamingDataset(StreamingDataset):
         self.latent_shape = tuple(latent_shape)
         self.num_classes = num_classes
         self.batched = batched
+        if not stall_timeout > 0:
+            raise DatasetError(f"stall_timeout={stall_timeout} must be a positive number of seconds (data.stall_timeout)")
+        self.stall_timeout = float(stall_timeout)
+        self._background_error: BaseException | None = None
         if batched and not self.batch_size:
             raise DatasetError("a batched LatentStreamingDataset needs batch_size (the per-rank batch)")
         self._check_columns(kwargs.get("remote") or kwargs.get("local"))
@@ -100,15 +108,30 @@ class LatentStreamingDataset(StreamingDataset):
         try:
             yield from super().__iter__()
         except RuntimeError as e:
-            remote = self._remote_s3()
-            if remote and "Background thread failed" in str(e):
-                from tread_scale.data.object_store import describe_endpoint
-
-                raise ObjectStoreError(f"cannot fetch shards of {remote} from the S3 endpoint {describe_endpoint()}: "
-                                       "a background download failed after all retries (its traceback is above); "
-                                       "check that the endpoint is up and reachable, then rerun: the run "
-                                       "autoresumes") from e
+            if "Background thread failed" in str(e):
+                raise self._background_failure() from (self._background_error or e)
             raise
+        # streaming 0.13.0 ends the epoch *normally* when a background thread failed: its sample loop stops
+        # on the failure event and the iterator returns, so the rank silently trains on fewer batches (or
+        # none) while its peers wait for it. A failure is an error here.
+        if getattr(self, "_event", None) is not None and self._event.is_set():
+            raise self._background_failure() from self._background_error
+
+    def _background_failure(self) -> Exception:
+        """The error to raise in the training process for a failed download or ready thread."""
+        err = self._background_error
+        if isinstance(err, DatasetError):
+            return DataStallError(str(err)) if isinstance(err, DataStallError) else DatasetError(str(err))
+        remote = self._remote_s3()
+        cause = f"{type(err).__name__}: {err}" if err is not None else "see the traceback above"
+        if remote:
+            from tread_scale.data.object_store import describe_endpoint
+
+            return ObjectStoreError(f"cannot fetch shards of {remote} from the S3 endpoint {describe_endpoint()}: "
+                                    f"a background download failed after all retries ({cause}); "
+                                    "check that the endpoint is up and reachable, then rerun: the run autoresumes")
+        where = next((s.remote or s.local for s in self.streams), "?")
+        return DatasetError(f"reading shards of {where} failed in a background thread on {whereabouts()}: {cause}")
 
     # The three loops of an epoch. streaming 0.13.0 runs each of them once per *sample*: its download
     # thread takes a file lock and stats the shard file per sample, and all three compete for the GIL with
@@ -179,20 +202,61 @@ class LatentStreamingDataset(StreamingDataset):
                 continue
             end = self._window(it, it.ready_index)
             for shard_id in self._shards_of(it.sample_ids[it.ready_index:end]).tolist():
-                if self._shard_states[shard_id] == _ShardState.REMOTE:  # evicted since it was prepared
-                    self.prepare_shard(shard_id, False)
-                while self._shard_states[shard_id] != _LOCAL and not (it.should_exit() or self._event.is_set()):
-                    time.sleep(TICK)
+                self._wait_local(shard_id, it)
             it.ready_index = end
         it.on_exit()
+
+    def _wait_local(self, shard_id: int, it=None) -> None:
+        """Wait until a shard is local, preparing it whenever nobody is; bounded by ``stall_timeout``.
+
+        A shard can go back to REMOTE *while* we wait: evicted, or given back by a preparer whose download
+        failed (:meth:`prepare_shard`). streaming 0.13.0 checked for that once, before waiting, so such a
+        shard was waited for for ever (the two-node hang of issue 12); here every tick re-checks it.
+        """
+        started = time.monotonic()
+        while True:
+            state = self._shard_states[shard_id]
+            event = getattr(self, "_event", None)
+            if state == _LOCAL or (event is not None and event.is_set()) or (it is not None and it.should_exit()):
+                return
+            if state == _ShardState.REMOTE:
+                self._prepare_now(shard_id)  # ours to download now (raises on failure)
+                continue
+            if time.monotonic() - started > self.stall_timeout:
+                raise self._stall(shard_id, f"waited {time.monotonic() - started:.0f} s for it to become local")
+            time.sleep(TICK)
+
+    def _stall(self, shard_id: int, what: str) -> DataStallError:
+        """A :class:`DataStallError` about one shard (after dumping every thread's stack to stderr)."""
+        state = _ShardState(int(self._shard_states[shard_id])).name
+        shard = self.shards[shard_id].raw_data.basename
+        stream = self.streams[self.stream_per_shard[shard_id]]
+        hint = {"PREPARING": "another thread or process on this node claimed it and has not finished: a hung "
+                             "download, a process that died mid-download, or a cache folder shared with "
+                             "another node",
+                "REMOTE": "nobody downloads it"}.get(state, "")
+        message = (f"data stall on {whereabouts()}: shard {shard} of {stream.remote or stream.local} is {state}; "
+                   f"{what} (data.stall_timeout={self.stall_timeout:g} s){': ' + hint if hint else ''}")
+        dump_threads(message)
+        return DataStallError(message)
 
     def _each_sample_id(self, it):
         """Ready sample ids one at a time or, batched, as batches of ``batch_size`` (a last short one dropped)."""
         batch, ids = _IdBatch(), it.sample_ids
+        waiting_since = None
         while not (it.should_exit() or it.yield_index == it.total or self._event.is_set()):
             if it.ready_index <= it.yield_index:
+                waiting_since = waiting_since or time.monotonic()
+                # a little longer than the ready thread's own bound, whose error names the shard it waits for
+                if time.monotonic() - waiting_since > self.stall_timeout + max(5.0, 0.1 * self.stall_timeout):
+                    shards = self._shards_of(ids[it.yield_index:self._window(it, it.yield_index)])
+                    raise self._stall(int(shards[0]) if len(shards) else self._shard_of(ids[it.yield_index:][:1])[0],
+                                      f"sample {it.yield_index} of {it.total} in this epoch was not ready after "
+                                      f"{time.monotonic() - waiting_since:.0f} s (ready thread "
+                                      f"{'stopped' if it.ready_index < it.total else 'done'} at {it.ready_index})")
                 time.sleep(TICK)
                 continue
+            waiting_since = None
             if not self.batched:
                 for at in range(it.yield_index, it.ready_index):
                     if ids[at] >= 0:
@@ -219,11 +283,11 @@ class LatentStreamingDataset(StreamingDataset):
     # endpoint) never reports, and training hangs instead of failing (seen in the R3 fault test). Each
     # thread reports its exit when it dies; the failure itself still reaches training through streaming.
 
-    @staticmethod
-    def _reporting_exit(thread, it) -> None:
+    def _reporting_exit(self, thread, it) -> None:
         try:
             thread(it)
-        except BaseException:
+        except BaseException as e:
+            self._background_error = e  # raised in the training process by __iter__
             it.on_exit()
             raise
 
@@ -235,8 +299,14 @@ class LatentStreamingDataset(StreamingDataset):
         training instead of failing it). Exceptions only come out of the downloading call, so resetting
         the state to REMOTE here is safe; the next reader retries the download and gets the error.
         """
+        self._prepare_now(shard_id)
+        if blocking:  # streaming waits for a PREPARING shard without a bound, and misses a give-back
+            self._wait_local(shard_id)
+
+    def _prepare_now(self, shard_id: int) -> None:
+        """streaming's non-blocking ``prepare_shard``, giving the shard back (REMOTE) if our download raises."""
         try:
-            super().prepare_shard(shard_id, blocking)
+            super().prepare_shard(shard_id, False)
         except BaseException:
             lock = self._cache_filelock
             lock.acquire()

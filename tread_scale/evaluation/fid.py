@@ -70,6 +70,7 @@ def dataset_images(root: str, cache: str | None, decode: Callable[[torch.Tensor]
     from streaming.base.util import clean_stale_shared_memory
 
     from tread_scale.data.dataset import LatentStreamingDataset
+    from tread_scale.data.location import default_cache, stream_location
     from tread_scale.data.metadata import read_metadata
     from tread_scale.imaging import to_uint8
 
@@ -77,7 +78,7 @@ def dataset_images(root: str, cache: str | None, decode: Callable[[torch.Tensor]
     if meta.vae != "none" and decode is None:
         raise DatasetError(f"{root} holds latents of VAE {meta.vae!r}: pass --vae to decode them for Inception")
     clean_stale_shared_memory()
-    kwargs = {"remote": root, "local": cache} if root.startswith("s3://") else {"local": root}
+    kwargs = stream_location(root, cache or default_cache(root))
     ds = LatentStreamingDataset(latent_shape=meta.latent_shape, num_classes=meta.num_classes, shuffle=False,
                                 batch_size=1, **kwargs)
     rank, world_size = world()

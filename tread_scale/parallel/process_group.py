@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import time
 from collections.abc import Iterator
@@ -11,6 +12,38 @@ import torch
 import torch.distributed as dist
 
 _SETTLE_S = 0.2  # seconds without the GIL between the barrier and destroy (see leave_process_group)
+_monitor_groups: dict[int, object] = {}  # id of the default group -> its gloo twin for monitored barriers
+
+
+def bounded_barrier(name: str, timeout_s: float) -> None:
+    """A barrier over every rank that fails after ``timeout_s`` naming the ranks that did not arrive.
+
+    Uses gloo's ``monitored_barrier`` (on a gloo twin of the default group when that is NCCL): rank 0
+    collects every rank and reports the absent ones; the others report that rank 0 did not answer.
+
+    Raises:
+        DistributedTimeoutError: Naming the barrier, this rank and node, and the absent ranks; every
+            thread's stack goes to stderr first.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    from tread_scale.cluster.diagnostics import dump_threads, whereabouts
+    from tread_scale.errors import DistributedTimeoutError
+
+    default = dist.group.WORLD
+    if dist.get_backend() == "gloo":
+        group = default
+    else:
+        group = _monitor_groups.get(id(default))
+        if group is None:
+            group = _monitor_groups[id(default)] = dist.new_group(backend="gloo")
+    try:
+        dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as e:
+        message = (f"the barrier at the {name} timed out after {timeout_s:g} s (train.barrier_timeout) on "
+                   f"{whereabouts()}: {str(e).strip().splitlines()[0]}")
+        dump_threads(message)
+        raise DistributedTimeoutError(message) from None
 
 
 def leave_process_group() -> None:

@@ -18,6 +18,7 @@ from tread_scale.data.metadata import LatentMetadata, check_against_model, read_
 from tread_scale.errors import ConfigError
 from tread_scale.factory import build_dit, build_objective
 from tread_scale.log_setup import redact, setup_logging
+from tread_scale.parallel.process_group import bounded_barrier
 from tread_scale.sampling import SamplerSettings
 
 log = logging.getLogger(__name__)
@@ -59,15 +60,18 @@ def per_rank_batch(cfg: RunConfig, world_size: int) -> int:
 
 def build_dataloader(cfg: RunConfig, meta: LatentMetadata, batch_size: int) -> DataLoader:
     """The training DataLoader over a batched :class:`LatentStreamingDataset` (never wrapped)."""
+    from composer.utils import dist
+
     from tread_scale.data.dataset import BatchLoader, LatentStreamingDataset
+    from tread_scale.data.location import stream_location
 
     d = cfg.data
-    if s3.is_s3(d.remote):
-        location = {"remote": d.remote, "local": cfg.data_cache()}
-    else:
-        if not Path(d.remote, "index.json").is_file():
-            raise ConfigError(f"data.remote={d.remote!r}: no index.json there (not an MDS dataset)")
-        location = {"remote": None, "local": d.remote}
+    if not s3.is_s3(d.remote) and not Path(d.remote, "index.json").is_file():
+        raise ConfigError(f"data.remote={d.remote!r}: no index.json there (not an MDS dataset)")
+    location = stream_location(d.remote, cfg.data_cache(dist.get_node_rank()), d.split)
+    if location["remote"] is not None and not s3.is_s3(d.remote):
+        log.info("data.remote=%s has compressed shards: decompressing them into this node's cache %s", d.remote,
+                 location["local"])
     if d.cache_limit is not None and location["remote"] is None:
         log.warning("data.cache_limit is set for a local-only dataset; streaming may evict shards it cannot "
                     "download again (mosaicml/streaming#988). Ignoring cache_limit.")
@@ -86,6 +90,7 @@ def build_dataloader(cfg: RunConfig, meta: LatentMetadata, batch_size: int) -> D
         cache_limit=d.cache_limit if location["remote"] is not None else None,
         download_timeout=d.download_timeout,
         download_retry=d.download_retry,
+        stall_timeout=d.stall_timeout,
         validate_hash=d.validate_hash,
         **location,
     )
@@ -270,7 +275,7 @@ def build_trainer(cfg: RunConfig):
         from tread_scale.trainer.sample_ledger import SampleLedger
 
         callbacks.append(SampleLedger(run_dir / "ledger"))
-    callbacks.append(Preemption(cfg.train.preemption_flag))
+    callbacks.append(Preemption(cfg.train.preemption_flag, grace=cfg.train.preemption_grace))
     ckpt_remote_plain = s3.is_s3(ckpt) and not (par.backend == "fsdp" and (par.fsdp or FSDPConfig()).state_dict_type
                                                  == "sharded") and par.backend != "deepspeed"
     if ckpt_remote_plain:
@@ -398,15 +403,19 @@ def train(cfg: RunConfig) -> TrainResult:
     if cfg.logging.wandb.enabled and cfg.logging.wandb.mode != "online":
         os.environ.setdefault("WANDB_MODE", cfg.logging.wandb.mode)
     trainer, handles = build_trainer(cfg)
+    bounded_barrier("start of training", cfg.train.barrier_timeout)
     try:
         trainer.fit()
         batches = int(trainer.state.timestamp.batch)
+        bounded_barrier("end of training", cfg.train.barrier_timeout)
     except Exception as e:
+        # Composer's close() ends with an unbounded-message barrier; a failed rank's peers may never
+        # reach it, so after an error only the callbacks and loggers are closed, and the error leaves now.
+        trainer.engine.close()
         nospace = _enospc_in(e)
         if nospace is None:
             raise
         raise _no_space(cfg) from None
-    finally:
-        trainer.close()
+    trainer.close()
     return TrainResult(cfg.run_dir, cfg.checkpoint_folder(), batches, handles["export"].last_export,
                        handles["grid"].last_grid)

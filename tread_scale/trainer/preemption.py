@@ -7,6 +7,10 @@ ranks stop at the same step):
 * a flag file, which ``slurm/common.sh`` creates when the *batch script* is signalled
   (``#SBATCH --signal=B:USR1@…`` before the time limit, or ``scancel --signal=USR1 --batch``).
 
+A signal is also heard by a :class:`~tread_scale.cluster.signals.SignalWatchdog` thread: if no batch end
+begins the checkpoint within ``grace`` seconds (the rank is stuck in a data wait or a collective), or on a
+second SIGTERM, the process dumps its threads and exits non-zero instead of living on as an orphan.
+
 On a trigger the engine checkpoint (DeepSpeed), the Composer checkpoint and the EMA export are written
 in that order, training stops, and the caller (the Slurm script) requeues the job, whose autoresume
 continues from that checkpoint.
@@ -24,6 +28,8 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from tread_scale.cluster.signals import SignalWatchdog
+
 log = logging.getLogger(__name__)
 
 
@@ -36,20 +42,28 @@ class Preemption(Callback):
     Args:
         flag_file: Path whose existence requests a checkpoint-and-stop (``None``: signals only).
         signals: Signals that request it.
+        grace: Seconds from a signal to the start of the checkpoint before the process gives up and exits
+            (``train.preemption_grace``).
     """
 
     def __init__(self, flag_file: str | Path | None = None,
-                 signals: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
+                 signals: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGTERM), grace: float = 30.0) -> None:
         self.flag_file = Path(flag_file) if flag_file else None
         self.signals = signals
         self.requested = False
         self.triggered_at: int | None = None
+        self.watchdog = SignalWatchdog(signals, grace)
 
     def init(self, state: State, logger: Logger) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in self.signals:
             signal.signal(sig, self._on_signal)
+        self.watchdog.start()
+
+    def close(self, state: State, logger: Logger) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.watchdog.stop()
 
     def _on_signal(self, signum, frame) -> None:
         self.requested = True
@@ -67,6 +81,7 @@ class Preemption(Callback):
             return
         step = int(state.timestamp.batch)
         self.triggered_at = step
+        self.watchdog.acknowledge()
         log.warning("preemption requested: checkpointing at batch %d and stopping", step)
         from composer.callbacks import CheckpointSaver
 

@@ -1,0 +1,103 @@
+"""Termination signals that work even when a rank is stuck.
+
+Python runs a signal handler only when the main thread next executes Python code. A rank blocked in a
+collective (a gloo/NCCL wait in C++) or in a data wait that never ends therefore ignores SIGTERM: the
+preemption handler records the request and waits for a batch end that never comes, and Slurm's step
+outlives its job as an orphan (issue 12). :class:`SignalWatchdog` hears signals on another thread through
+``signal.set_wakeup_fd`` (the C-level handler writes the signal number to a pipe at once, whatever the
+main thread is doing) and bounds the wait:
+
+* the first SIGTERM/SIGUSR1 asks for a checkpoint at the next batch end (the Python handler, as before);
+* if that batch end does not begin the checkpoint within ``grace`` seconds, or on a second SIGTERM, every
+  thread's stack goes to stderr, child processes (DataLoader workers) are killed, and the process exits
+  with ``128 + signal``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import threading
+import time
+
+from tread_scale.cluster.diagnostics import dump_threads
+
+log = logging.getLogger(__name__)
+
+
+class SignalWatchdog:
+    """Bounds how long a process may take to act on a termination signal. See the module docstring.
+
+    Args:
+        signals: The signals that request a checkpoint-and-stop (their Python handlers must be installed
+            by the caller; the watchdog only listens).
+        grace: Seconds from the first signal to the start of the checkpoint before the process exits.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...], grace: float = 30.0) -> None:
+        self.signals = {int(s) for s in signals}
+        self.grace = float(grace)
+        self._acknowledged = threading.Event()
+        self._stop = threading.Event()
+        self._read_fd: int | None = None
+        self._previous_fd = -1
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start listening (call from the main thread, after installing the signal handlers)."""
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        self._previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        self._read_fd, self._write_fd = read_fd, write_fd
+        self._thread = threading.Thread(target=self._run, name="tread-signal-watchdog", daemon=True)
+        self._thread.start()
+
+    def acknowledge(self) -> None:
+        """The requested checkpoint has begun: the grace bound no longer applies (a second SIGTERM still does)."""
+        self._acknowledged.set()
+
+    def stop(self) -> None:
+        """Stop listening and give the wakeup fd back (call from the main thread)."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        signal.set_wakeup_fd(self._previous_fd)
+        self._thread.join(timeout=5)
+        for fd in (self._read_fd, self._write_fd):
+            os.close(fd)
+        self._thread = None
+
+    def _run(self) -> None:
+        first: tuple[float, int] | None = None
+        while not self._stop.is_set():
+            wait = 0.5
+            if first is not None and not self._acknowledged.is_set():
+                left = first[0] + self.grace - time.monotonic()
+                if left <= 0:
+                    self._die(f"{signal.Signals(first[1]).name} received {self.grace:g} s ago and no batch end "
+                              "began the checkpoint (a stuck data wait or collective)", first[1])
+                wait = min(wait, left)
+            if not select.select([self._read_fd], [], [], wait)[0]:
+                continue
+            for signum in os.read(self._read_fd, 64):
+                if signum not in self.signals:
+                    continue
+                if first is None:
+                    first = (time.monotonic(), signum)
+                    log.warning("%s received: checkpointing at the next batch end; exiting if none begins within "
+                                "%g s", signal.Signals(signum).name, self.grace)
+                elif signum == signal.SIGTERM:
+                    self._die("a second SIGTERM received", signum)
+
+    def _die(self, reason: str, signum: int) -> None:
+        dump_threads(f"exiting: {reason}")
+        try:
+            import psutil
+
+            for child in psutil.Process().children(recursive=True):
+                child.kill()
+        except Exception:  # noqa: BLE001 - exiting regardless; workers also exit when their parent dies
+            pass
+        os._exit(128 + signum)
