@@ -37,10 +37,10 @@ def trained(tmp_path_factory):
 def _composer(*args, cwd):
     from composer.utils import get_free_tcp_port
 
-    composer = Path(sys.executable).with_name("composer")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(composer), "-n", "2", "--master_port", str(get_free_tcp_port()), "-m", "tread_scale.cli",
-                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NODE_RANK": "0"}  # torchrun: see tests/parallel/launcher.py
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                           "127.0.0.1", "--master-port", str(get_free_tcp_port()), "-m", "tread_scale.cli", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc
 
@@ -78,7 +78,7 @@ def test_two_ranks_give_the_fid_of_one(trained):
     ref = t["root"] / "ref2.npz"
     out1, out2 = t["root"] / "f1.json", t["root"] / "f2.json"
     assert main(["fid", t["run"], "--inception", t["inception"], "--ref-data", t["data"], "--save-ref", str(ref),
-                 "--num", "10", "--out", str(out1), *COMMON]) == 0
+                 "--ref-num", "10", "--num", "10", "--out", str(out1), *COMMON]) == 0
     _composer("fid", t["run"], "--inception", t["inception"], "--ref", str(ref), "--num", "10", "--out", str(out2),
               *COMMON, cwd=REPO)
     assert json.loads(out2.read_text())["fid"] == pytest.approx(json.loads(out1.read_text())["fid"], rel=1e-9)
