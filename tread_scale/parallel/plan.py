@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tread_scale.config import DeepSpeedConfig, FSDPConfig, RunConfig, validate_parallelism
+from tread_scale.config import RunConfig, validate_parallelism
 from tread_scale.errors import ConfigError
 from tread_scale.factory import build_dit
 from tread_scale.models.dit import DiT
-from tread_scale.routing.flops import Flops, block_flops, model_flops, tokens_per_block
+from tread_scale.models.flops import Flops, model_flops
+from tread_scale.routing.flops import block_flops, tokens_per_block
 from tread_scale.routing.routes import resolve_routes
 
 #: Values of width D saved for backward per token and block: kept in fp32 under autocast (2 LayerNorm
@@ -75,7 +76,11 @@ def activation_bytes(net: DiT, routes, microbatch: int, compute_bytes: int, chec
 
 
 def estimate_memory(cfg: RunConfig, net: DiT, world_size: int, microbatch: int, gpu: bool) -> Memory:
-    """Bytes per rank for ``cfg``'s backend (see the module docstring)."""
+    """Bytes per rank for ``cfg``'s backend (see the module docstring).
+
+    ``cfg`` must be validated (``load_config``, ``config_from_dict``) or its parallelism section checked by
+    ``validate_parallelism``, so that the backend's section is resolved.
+    """
     p_count = sum(p.numel() for p in net.parameters() if p.requires_grad)
     precision = cfg.train.precision
     bf16 = precision == "amp_bf16" or (precision == "auto" and gpu)
@@ -88,7 +93,7 @@ def estimate_memory(cfg: RunConfig, net: DiT, world_size: int, microbatch: int, 
         mem.terms.update(params=4 * p_count, grads=4 * p_count, optimizer=8 * p_count, ema=4 * p_count,
                          ddp_buckets=4 * p_count)
     elif par.backend == "fsdp":
-        fs = par.fsdp or FSDPConfig()
+        fs = par.fsdp
         shard = world_size // fs.replicate
         mem.terms.update(params=4 * p_count / shard, grads=4 * p_count / shard, optimizer=8 * p_count / shard,
                          ema=4 * p_count / shard)
@@ -97,7 +102,7 @@ def estimate_memory(cfg: RunConfig, net: DiT, world_size: int, microbatch: int, 
         else:
             mem.terms["gathered_units"] = p_count * compute + 2 * unit * 4
     else:
-        ds = par.deepspeed or DeepSpeedConfig()
+        ds = par.deepspeed
         w = world_size
         param_bytes = compute  # DeepSpeed keeps model weights in the training dtype
         params = param_bytes * p_count / (w if ds.zero_stage == 3 else 1)

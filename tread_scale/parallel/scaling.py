@@ -91,8 +91,8 @@ def step_collectives(backend: str, params: int, world: int, *, units: int, compu
         world: Ranks.
         units: FSDP wrap units (one all-gather / reduce-scatter call each).
         compute_bytes: Bytes per value of the compute dtype (2 under bf16/fp16 autocast, 4 in fp32).
-        fsdp: FSDP options (reshard after forward, mixed precision, replicas).
-        deepspeed: ZeRO options (stage).
+        fsdp: FSDP options (reshard after forward, mixed precision, replicas); ``None``: the defaults.
+        deepspeed: ZeRO options (stage); ``None``: the defaults.
         ddp_bucket_bytes: DDP's gradient bucket size (PyTorch default 25 MiB).
     """
     if world <= 1:
@@ -101,7 +101,7 @@ def step_collectives(backend: str, params: int, world: int, *, units: int, compu
         grad = params * 4  # gradients of fp32 parameters (autocast keeps parameters fp32)
         return [Collective("all_reduce", grad, world, max(1, math.ceil(grad / ddp_bucket_bytes)), "gradients")]
     if backend == "fsdp":
-        cfg = fsdp or FSDPConfig()
+        cfg = FSDPConfig() if fsdp is None else fsdp
         param_b = 4 if cfg.mixed_precision == "full" else compute_bytes
         reduce_b = compute_bytes if cfg.mixed_precision == "pure" else 4
         shard = world // max(1, cfg.replicate)
@@ -114,7 +114,7 @@ def step_collectives(backend: str, params: int, world: int, *, units: int, compu
                                   "gradient shards across replicas", one_per_node=True))
         return out
     if backend == "deepspeed":
-        stage = (deepspeed or DeepSpeedConfig()).zero_stage
+        stage = (DeepSpeedConfig() if deepspeed is None else deepspeed).zero_stage
         out = [Collective("reduce_scatter", params * compute_bytes, world, units, "gradients")]
         if stage == 3:
             out += [Collective("all_gather", params * compute_bytes, world, units, "parameters for forward"),
@@ -187,13 +187,25 @@ def project(backend: str, params: int, train_flops_per_image: float, per_gpu_bat
 
 def projection_report(cfg, net, train_flops_per_image: float, per_gpu_batch: int, a: Assumptions,
                       max_nodes: int = 128) -> list[str]:
-    """The ``dry-run --project`` table for ``cfg`` (a :class:`~tread_scale.config.RunConfig`)."""
+    """The ``dry-run --project`` table for ``cfg``.
+
+    Args:
+        cfg: A :class:`~tread_scale.config.RunConfig` whose backend section is resolved (validated).
+        net: The model (on any device, the meta device included).
+        train_flops_per_image: Training FLOPs of one image.
+        per_gpu_batch: Images per GPU per step.
+        a: Hardware and efficiency assumptions.
+        max_nodes: Largest node count of the table.
+
+    Returns:
+        The report's lines.
+    """
     par = cfg.parallelism
     params = sum(p.numel() for p in net.parameters())
     compute_bytes = 4 if cfg.train.precision == "fp32" else 2
     units = sum(1 for m in net.modules() if net.fsdp_wrap_fn(m)) + 1
-    if par.backend == "deepspeed" and (par.deepspeed or DeepSpeedConfig()).zero_stage < 3:
-        units = max(1, math.ceil(params * compute_bytes / (par.deepspeed or DeepSpeedConfig()).reduce_bucket_size))
+    if par.backend == "deepspeed" and par.deepspeed.zero_stage < 3:
+        units = max(1, math.ceil(params * compute_bytes / par.deepspeed.reduce_bucket_size))
     nodes, n = [], 1
     while n <= max_nodes:
         nodes.append(n)
@@ -204,9 +216,9 @@ def projection_report(cfg, net, train_flops_per_image: float, per_gpu_batch: int
                    a=a, nodes=nodes, fsdp=par.fsdp if par.backend == "fsdp" else None,
                    deepspeed=par.deepspeed if par.backend == "deepspeed" else None)
     example = step_collectives(par.backend, params, 2 * a.gpus_per_node, units=units, compute_bytes=compute_bytes,
-                               fsdp=par.fsdp or FSDPConfig(), deepspeed=par.deepspeed)
+                               fsdp=par.fsdp, deepspeed=par.deepspeed)
     lines = [f"projection    weak scaling, {per_gpu_batch} images per GPU per step, {par.backend}"
-             + (f" (ZeRO-{(par.deepspeed or DeepSpeedConfig()).zero_stage})" if par.backend == "deepspeed" else ""),
+             + (f" (ZeRO-{par.deepspeed.zero_stage})" if par.backend == "deepspeed" else ""),
              f"  assumptions {a.describe()}",
              "  collectives " + "; ".join(f"{c.kind} of {c.what} {c.payload / 1e9:.2f} GB in {c.calls} call(s)"
                                           for c in example) if example else "  collectives none",

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tread_scale.config import ParallelismConfig, DeepSpeedConfig, FSDPConfig, config_from_dict, validate_parallelism
+from tread_scale.config import DeepSpeedConfig, FSDPConfig, ParallelismConfig, config_from_dict, validate_parallelism
 from tread_scale.errors import ConfigError
 
 from tests.conftest import tiny_run_cfg
@@ -31,7 +31,7 @@ def test_mesh_that_does_not_divide_the_world():
 
 
 def test_deepspeed_config_maps_our_keys():
-    from tread_scale.parallel.deepspeed import deepspeed_config
+    from tread_scale.trainer.backends.deepspeed import deepspeed_config
 
     ds = deepspeed_config(DeepSpeedConfig(zero_stage=3, offload_optimizer=True, offload_params=True), microbatch=4,
                           world_size=8, precision="amp_bf16", grad_clip_norm=None, device="gpu")
@@ -46,9 +46,15 @@ def test_deepspeed_config_maps_our_keys():
 
 
 def test_hsdp_config_asks_composer_for_a_2d_mesh():
-    from tread_scale.parallel.fsdp import fsdp2_config
+    from tread_scale.trainer.backends.fsdp import fsdp2_config
 
     cfg = fsdp2_config(FSDPConfig(replicate=2, reshard_after_forward=False, mixed_precision="pure"))
     assert cfg.data_parallel_replicate_degree == 2 and cfg.data_parallel_shard_degree == -1
     assert cfg.reshard_after_forward is False and cfg.mixed_precision == "PURE"
     assert fsdp2_config(FSDPConfig()).data_parallel_replicate_degree is None
+
+
+def test_validate_parallelism_resolves_a_missing_section():
+    p = ParallelismConfig(backend="deepspeed")
+    validate_parallelism(p)
+    assert p.deepspeed == DeepSpeedConfig() and p.fsdp is None

@@ -1,22 +1,19 @@
-"""The one typed configuration schema of a tread_scale run, and its loader.
+"""The typed schema of a tread_scale run: one dataclass per yaml section, :class:`RunConfig` at the top.
 
-``load_config(path, overrides)`` reads a yaml file, applies ``key=value`` overrides and returns a
-:class:`RunConfig`. Unknown keys are errors that name the key and the nearest valid one.
+Each field's type and default is the contract the loader (:mod:`tread_scale.config.loader`) enforces key by
+key; cross-field rules live in :mod:`tread_scale.config.validate`. A route is the model code's own
+:class:`~tread_scale.routing.routes.Route`, so there is no separate route config type.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
-from tread_scale.config_schema import apply_override, from_dict, parse_override, to_dict
 from tread_scale.errors import ConfigError
 from tread_scale.models.registry import DiTSize, parse_model_name
-from tread_scale.routing.routes import Route, resolve_routes
+from tread_scale.routing.routes import Route
 
 
 @dataclass
@@ -41,7 +38,14 @@ class ModelConfig:
     init_from: str | None = None
 
     def size(self) -> tuple[DiTSize, int]:
-        """Resolve to ``(DiTSize, patch_size)``; explicit fields must agree with a named size."""
+        """Resolve to ``(DiTSize, patch_size)``; explicit fields must agree with a named size.
+
+        Returns:
+            The model size and its patch size.
+
+        Raises:
+            ConfigError: If ``name`` is null and a size field is missing, or a field contradicts ``name``.
+        """
         explicit = {"depth": self.depth, "hidden_size": self.hidden_size, "num_heads": self.num_heads,
                     "patch_size": self.patch_size}
         if self.name is None:
@@ -60,22 +64,15 @@ class ModelConfig:
 
 
 @dataclass
-class RouteConfig:
-    """One route: a fraction ``rate`` of tokens skips blocks ``start..end`` (inclusive; negative = from the end)."""
-
-    rate: float
-    start: int
-    end: int
-
-
-@dataclass
 class RoutingConfig:
     """TREAD routing. No routes means a dense DiT.
 
-    ``seed`` is the base of the routing stream (each rank mixes in its rank); null derives it from the run seed.
+    Each entry of ``routes`` is a :class:`~tread_scale.routing.routes.Route` ``{rate, start, end}``: a
+    fraction ``rate`` of tokens skips blocks ``start..end`` (inclusive; negative = from the end). ``seed`` is
+    the base of the routing stream (each rank mixes in its rank); null derives it from the run seed.
     """
 
-    routes: list[RouteConfig] = field(default_factory=list)
+    routes: list[Route] = field(default_factory=list)
     seed: int | None = None
 
 
@@ -190,7 +187,9 @@ class ParallelismConfig:
 
     ``activation_checkpointing`` recomputes each DiT block in backward (any backend); the routed token
     subsets are drawn before the first block, so recomputation sees the same subsets. Only the section of
-    the chosen backend may be given.
+    the chosen backend may be given; validation (:func:`~tread_scale.config.validate.resolve_backend_sections`)
+    fills it with its defaults when it is left out, so after validation ``fsdp`` is an :class:`FSDPConfig`
+    when ``backend`` is ``fsdp`` and ``deepspeed`` a :class:`DeepSpeedConfig` when it is ``deepspeed``.
     """
 
     backend: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
@@ -330,172 +329,24 @@ class RunConfig:
 
     @property
     def run_dir(self) -> Path:
+        """``<output_dir>/<run_name>``: where the run's outputs go."""
         return Path(self.output_dir) / self.run_name
 
     @property
     def routes(self) -> list[Route]:
-        return [Route(r.rate, r.start, r.end) for r in self.routing.routes]
+        """The routes of ``routing.routes`` (a new list; the routes themselves are immutable)."""
+        return list(self.routing.routes)
 
     @property
     def routing_seed(self) -> int:
+        """The base seed of the routing stream: ``routing.seed``, or the run seed when that is null."""
         return self.seed if self.routing.seed is None else self.routing.seed
 
     def checkpoint_folder(self) -> str:
+        """Where checkpoints go: ``train.save_folder``, or ``<run_dir>/checkpoints``."""
         return self.train.save_folder or str(self.run_dir / "checkpoints")
 
     def data_cache(self, node: int = 0) -> str:
         """The data cache of node ``node``: its own folder below ``data.local`` (or the run folder)."""
         return str(Path(self.data.local or self.run_dir / "data_cache") / f"node{node}")
 
-
-def validate(cfg: RunConfig) -> RunConfig:
-    """Cross-field checks that the per-field types cannot express.
-
-    Raises:
-        ConfigError: Naming the offending key.
-    """
-    size, patch = cfg.model.size()
-    if cfg.model.input_size % patch:
-        raise ConfigError(f"model.input_size={cfg.model.input_size} is not divisible by the patch size {patch}")
-    if size.hidden_size % size.num_heads:
-        raise ConfigError(f"model: hidden_size {size.hidden_size} is not divisible by num_heads {size.num_heads}")
-    for key in ("in_channels", "input_size", "num_classes"):
-        if getattr(cfg.model, key) < 1:
-            raise ConfigError(f"model.{key} must be >= 1, got {getattr(cfg.model, key)}")
-    resolve_routes(cfg.routes, size.depth)
-    if not cfg.data.remote:
-        raise ConfigError("data.remote must be set (s3://bucket/prefix or a local folder of MDS shards)")
-    for key, value in (("data.stall_timeout", cfg.data.stall_timeout),
-                       ("train.preemption_grace", cfg.train.preemption_grace),
-                       ("train.barrier_timeout", cfg.train.barrier_timeout)):
-        if not value > 0:
-            raise ConfigError(f"{key}={value} must be a positive number of seconds")
-    if cfg.train.global_batch_size < 1:
-        raise ConfigError(f"train.global_batch_size must be >= 1, got {cfg.train.global_batch_size}")
-    mb = cfg.train.device_microbatch_size
-    if mb is not None and mb < 1:
-        raise ConfigError(f"train.device_microbatch_size must be >= 1, got {mb}")
-    if not 0.0 <= cfg.objective.label_dropout < 1.0:
-        raise ConfigError(f"objective.label_dropout must be in [0, 1), got {cfg.objective.label_dropout}")
-    if not 0.0 < cfg.ema.decay < 1.0:
-        raise ConfigError(f"ema.decay must be in (0, 1), got {cfg.ema.decay}")
-    if cfg.optimizer.lr <= 0:
-        raise ConfigError(f"optimizer.lr must be > 0, got {cfg.optimizer.lr}")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
-    if "/" in cfg.run_name or not cfg.run_name.strip():
-        raise ConfigError(f"run_name must be a non-empty name without '/', got {cfg.run_name!r}")
-    if cfg.sampling.num_images < 1 or cfg.sampling.steps < 1:
-        raise ConfigError("sampling.num_images and sampling.steps must be >= 1")
-    validate_parallelism(cfg.parallelism)
-    if cfg.train.nonfinite_loss == "skip" and cfg.parallelism.backend == "deepspeed":
-        raise ConfigError("train.nonfinite_loss=skip is not supported with parallelism.backend=deepspeed "
-                          "(the engine owns the optimizer step); use stop")
-    ev = cfg.evaluation
-    if ev.fid_every is not None:
-        for key in ("inception", "reference"):
-            value = getattr(ev, key)
-            if not value:
-                raise ConfigError(f"evaluation.fid_every is set, so evaluation.{key} must name a local file")
-            if not Path(value).is_file():
-                raise ConfigError(f"evaluation.{key}: {value!r} does not exist")
-    if cfg.model.init_from is not None and not Path(cfg.model.init_from).is_file():
-        raise ConfigError(f"model.init_from: {cfg.model.init_from!r} does not exist")
-    return cfg
-
-
-def validate_parallelism(p: ParallelismConfig, world_size: int | None = None) -> None:
-    """Check the sharding plan (and, given a world size, its mesh).
-
-    Raises:
-        ConfigError: Naming the offending key.
-    """
-    for other in ("fsdp", "deepspeed"):
-        if other != p.backend and getattr(p, other) is not None:
-            raise ConfigError(f"parallelism.{other} is set but parallelism.backend is {p.backend!r}; "
-                              f"remove the parallelism.{other} section or set parallelism.backend={other}")
-    if p.backend == "deepspeed":
-        ds = p.deepspeed or DeepSpeedConfig()
-        if ds.zero_stage not in (1, 2, 3):
-            raise ConfigError(f"parallelism.deepspeed.zero_stage must be 1, 2 or 3, got {ds.zero_stage}")
-        if ds.offload_params and ds.zero_stage != 3:
-            raise ConfigError(f"parallelism.deepspeed.offload_params needs zero_stage 3 (got {ds.zero_stage}): "
-                              "only ZeRO-3 partitions parameters")
-        for key in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size"):
-            if getattr(ds, key) < 1:
-                raise ConfigError(f"parallelism.deepspeed.{key} must be >= 1, got {getattr(ds, key)}")
-    if p.backend == "fsdp":
-        fs = p.fsdp or FSDPConfig()
-        if fs.replicate < 1:
-            raise ConfigError(f"parallelism.fsdp.replicate must be >= 1, got {fs.replicate}")
-        if world_size is not None and world_size % fs.replicate:
-            raise ConfigError(f"parallelism.fsdp.replicate={fs.replicate} does not divide the world size "
-                              f"{world_size}: the HSDP mesh needs replicate x shard = world size")
-
-
-def config_from_dict(data: dict) -> RunConfig:
-    """Strictly build and validate a :class:`RunConfig` from a plain mapping."""
-    return validate(from_dict(RunConfig, data))
-
-
-def _deep_merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _read_yaml(p: Path, chain: tuple[Path, ...] = ()) -> dict:
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
-    if p.resolve() in chain:
-        raise ConfigError(f"config file {str(p)!r}: 'base' files form a cycle")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid yaml: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys at the top level")
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    if not isinstance(base, str):
-        raise ConfigError(f"config file {str(p)!r}: 'base' must be a path to another yaml file")
-    return _deep_merge(_read_yaml(p.parent / base, (*chain, p.resolve())), data)
-
-
-def load_config_dict(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """Read a yaml file (merged over its ``base:`` file, if any) and apply ``key=value`` overrides.
-
-    A ``base: other.yaml`` key (relative to the file) makes the file a set of changes to another one:
-    mappings merge key by key, everything else (lists included) is replaced.
-
-    Raises:
-        ConfigError: If a file is missing or not a yaml mapping, or an override is malformed.
-    """
-    data = _read_yaml(Path(path))
-    for text in overrides:
-        path_, value = parse_override(text)
-        apply_override(data, path_, value, text)
-    return data
-
-
-def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Load, override and validate a run config.
-
-    Args:
-        path: yaml file.
-        overrides: ``key=value`` strings, e.g. ``routing.routes[0].rate=0.5``.
-
-    Returns:
-        The validated :class:`RunConfig`.
-
-    Raises:
-        ConfigError: Naming the file or key at fault.
-    """
-    return config_from_dict(load_config_dict(path, overrides))
-
-
-def dump_config(cfg: RunConfig) -> str:
-    """The resolved config as yaml."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

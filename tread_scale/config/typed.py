@@ -1,15 +1,21 @@
-"""A small typed-dataclass loader: yaml/dict → dataclasses, rejecting unknown keys.
+"""The generic typed-dataclass machinery under the config: mappings ↔ dataclasses, ``key=value`` overrides.
 
-Every error names the dotted key at fault; unknown keys also name the nearest valid key.
+:func:`from_dict` builds a dataclass from a plain mapping (parsed yaml), strictly: every error names the
+dotted key at fault, and an unknown key also names the nearest valid one. :func:`to_dict` goes back to plain
+data for yaml dumps. :func:`parse_override` and :func:`apply_override` read and apply ``a.b[0].c=value``
+overrides on the plain mapping before it is typed. Nothing here knows the run schema.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
 
 from tread_scale.errors import ConfigError
 
@@ -97,7 +103,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def nearest_key(name: str, valid: list[str]) -> list[str]:
-    """The valid key closest to ``name``: by spelling, or whose letters are the initials of ``name``'s words."""
+    """The valid key closest to ``name``: by spelling, or whose letters are the initials of ``name``'s words.
+
+    Args:
+        name: The unknown key.
+        valid: The keys allowed at that place.
+
+    Returns:
+        A list of at most one key (empty when nothing is close).
+    """
     initials = "".join(w[0] for w in name.split("_") if w)
     if len(initials) > 1 and initials in valid:
         return [initials]
@@ -142,7 +156,14 @@ def from_dict(cls: type, data: Any, key: str = "") -> Any:
 
 
 def to_dict(obj: Any) -> Any:
-    """Dataclass → plain dict/list structure (tuples become lists), for yaml dumps."""
+    """Dataclass → plain dict/list structure (tuples become lists), for yaml dumps.
+
+    Args:
+        obj: A dataclass instance, or a list, tuple, dict or scalar holding them.
+
+    Returns:
+        The same data as plain dicts, lists and scalars.
+    """
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
@@ -155,13 +176,15 @@ def to_dict(obj: Any) -> Any:
 def parse_override(text: str) -> tuple[list[str | int], Any]:
     """Parse ``a.b[0].c=value`` into a key path and a yaml-typed value.
 
+    Args:
+        text: The override as given on the command line.
+
+    Returns:
+        ``(path, value)``: the key path (names and list indices) and the value parsed as yaml.
+
     Raises:
         ConfigError: If the text has no ``=`` or a malformed key.
     """
-    import re
-
-    import yaml
-
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key=value")
     raw_key, raw_value = text.split("=", 1)
@@ -180,7 +203,17 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
 
 
 def apply_override(data: dict, path: list[str | int], value: Any, text: str) -> None:
-    """Set ``value`` at ``path`` inside nested dicts/lists, creating mappings as needed."""
+    """Set ``value`` at ``path`` inside nested dicts/lists, creating mappings as needed.
+
+    Args:
+        data: The plain (not yet typed) config mapping, changed in place.
+        path: Key path from :func:`parse_override`.
+        value: The value to set.
+        text: The override as given, for messages.
+
+    Raises:
+        ConfigError: If the path runs through a non-container or past the end of a list.
+    """
     node: Any = data
     for i, step in enumerate(path[:-1]):
         nxt = path[i + 1]
