@@ -39,7 +39,7 @@ from tread_scale.diffusion.edm import EDM  # noqa: E402
 from tread_scale.models import parse_model_name  # noqa: E402
 from tread_scale.parallel.process_group import leave_process_group  # noqa: E402
 from tread_scale.routing import Route  # noqa: E402
-from tread_scale.routing.flops import model_flops  # noqa: E402
+from tread_scale.models.flops import model_flops  # noqa: E402
 
 #: Dense bf16 tensor-core peak FLOP/s per chip (vendor datasheets, without sparsity).
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "A100": 312e12, "L40S": 362.05e12,

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
-from streaming.base.dataset import _ShardState
 from streaming.base.util import clean_stale_shared_memory
 
 from tests.conftest import REPO
+from tread_scale.compat.streaming import set_shard_state
 from tread_scale.data.dataset import BatchLoader, LatentStreamingDataset
 from tread_scale.data.location import compressed_shards, stream_location
 from tread_scale.errors import DatasetError, DataStallError
@@ -118,7 +118,7 @@ def test_two_emulated_nodes_share_a_compressed_dataset_folder(tmp_path):
 
 def _claim(ds: LatentStreamingDataset, shard_id: int) -> None:
     """What another process of this node does when it starts preparing a shard."""
-    ds._shard_states[shard_id] = _ShardState.PREPARING
+    set_shard_state(ds, shard_id, "PREPARING")
 
 
 def test_a_shard_given_back_while_waited_for_is_taken_over(latent_dataset, tmp_path):
@@ -131,7 +131,7 @@ def test_a_shard_given_back_while_waited_for_is_taken_over(latent_dataset, tmp_p
     reader.start()
     time.sleep(1.0)
     assert reader.is_alive() and not got, "the reader did not wait for the claimed shard"
-    ds._shard_states[0] = _ShardState.REMOTE  # the other process's download failed: it gives the shard back
+    set_shard_state(ds, 0, "REMOTE")  # the other process's download failed: it gives the shard back
     reader.join(timeout=60)
     assert not reader.is_alive(), "the reader still waits for a shard nobody prepares (the issue-12 hang)"
     assert sum(got) == 64

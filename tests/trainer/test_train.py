@@ -95,7 +95,7 @@ def test_dataset_that_does_not_fit_the_model_fails_before_training(latent_datase
 def test_metrics_report_routing_aware_flops_and_mfu(latent_dataset, tmp_path):
     import json
 
-    from tread_scale.routing.flops import model_flops
+    from tread_scale.models.flops import model_flops
 
     cfg = config_from_dict(tiny_run_cfg(latent_dataset, tmp_path, logging={"metrics_interval": 1, "peak_flops": 1e9}))
     trainer, _ = build_trainer(cfg)

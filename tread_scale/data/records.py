@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -30,33 +31,35 @@ class ShardLayout:
     record: np.dtype  # one sample: latent, label and (when stored) id at their byte offsets
 
 
-_NO_LAYOUT = "none"
+_LAYOUTS: "weakref.WeakKeyDictionary[Any, ShardLayout | None]" = weakref.WeakKeyDictionary()
 
 
 def shard_layout(shard) -> ShardLayout | None:
-    """Byte layout of a shard's samples when every column has a fixed size, else ``None``."""
-    cached = getattr(shard, "_tread_layout", None)
-    if cached is not None:
-        return None if cached == _NO_LAYOUT else cached
-    shard._tread_layout = _NO_LAYOUT
+    """Byte layout of a shard's samples when every column has a fixed size, else ``None`` (cached per shard)."""
+    if shard not in _LAYOUTS:
+        _LAYOUTS[shard] = _layout_of(shard)
+    return _LAYOUTS[shard]
+
+
+def _layout_of(shard) -> ShardLayout | None:
     names = list(getattr(shard, "column_names", []))
     sizes = list(getattr(shard, "column_sizes", []))
     raw = getattr(shard, "raw_data", None)
-    if names and raw is not None and all(sizes) and "latent" in names and "label" in names:
-        offsets = dict(zip(names, np.cumsum([0] + sizes[:-1]).tolist()))
-        encodings = dict(zip(names, shard.column_encodings))
-        dtype, dims = parse_ndarray_encoding(encodings["latent"]) if encodings["latent"].startswith("ndarray") \
-            else ("", None)
-        if dims is not None and dtype in ("float16", "float32", "float64") and encodings["label"] == "int":
-            fields = {"latent": (np.dtype((np.dtype(dtype).newbyteorder("<"), tuple(dims))), offsets["latent"]),
-                      "label": (np.dtype("<i8"), offsets["label"])}
-            if encodings.get("id") == "int":
-                fields["id"] = (np.dtype("<i8"), offsets["id"])
-            record = np.dtype({"names": list(fields), "formats": [f for f, _ in fields.values()],
-                               "offsets": [o for _, o in fields.values()], "itemsize": int(sum(sizes))})
-            shard._tread_layout = ShardLayout(path=os.path.join(shard.dirname, shard.split or "", raw.basename),
-                                          record=record)
-    return None if shard._tread_layout == _NO_LAYOUT else shard._tread_layout
+    if not (names and raw is not None and all(sizes) and "latent" in names and "label" in names):
+        return None
+    offsets = dict(zip(names, np.cumsum([0] + sizes[:-1]).tolist()))
+    encodings = dict(zip(names, shard.column_encodings))
+    dtype, dims = parse_ndarray_encoding(encodings["latent"]) if encodings["latent"].startswith("ndarray") \
+        else ("", None)
+    if dims is None or dtype not in ("float16", "float32", "float64") or encodings["label"] != "int":
+        return None
+    fields = {"latent": (np.dtype((np.dtype(dtype).newbyteorder("<"), tuple(dims))), offsets["latent"]),
+              "label": (np.dtype("<i8"), offsets["label"])}
+    if encodings.get("id") == "int":
+        fields["id"] = (np.dtype("<i8"), offsets["id"])
+    record = np.dtype({"names": list(fields), "formats": [f for f, _ in fields.values()],
+                       "offsets": [o for _, o in fields.values()], "itemsize": int(sum(sizes))})
+    return ShardLayout(path=os.path.join(shard.dirname, shard.split or "", raw.basename), record=record)
 
 
 def shard_records(layout: ShardLayout) -> np.ndarray | None:

@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from tread_scale.routing.routes import ResolvedRoute
-from tread_scale.routing.routes import resolve_routes
 from tread_scale.routing.tokens import num_kept
-
-if TYPE_CHECKING:
-    from tread_scale.models.dit import DiT
 
 
 def block_flops(num_tokens: int, hidden: int, mlp_ratio: float = 4.0) -> float:
@@ -40,41 +34,3 @@ def routed_block_fraction(
     dense = block_flops(num_tokens, hidden, mlp_ratio)
     tokens = tokens_per_block(routes, depth, num_tokens)
     return sum(block_flops(n, hidden, mlp_ratio) for n in tokens) / (depth * dense)
-
-
-@dataclass
-class Flops:
-    """Forward FLOPs per image."""
-
-    blocks_dense: float
-    blocks_routed: float
-    other: float  # patch embedding, timestep/label embedding, final layer
-
-    @property
-    def dense(self) -> float:
-        return self.blocks_dense + self.other
-
-    @property
-    def routed(self) -> float:
-        return self.blocks_routed + self.other
-
-    @property
-    def train_dense(self) -> float:
-        return 3 * self.dense
-
-    @property
-    def train_routed(self) -> float:
-        return 3 * self.routed
-
-
-def model_flops(net: DiT, routes) -> Flops:
-    """Forward FLOPs per image, dense and with ``routes``."""
-    n, d, depth = net.num_tokens, net.hidden_size, net.depth
-    tokens = tokens_per_block(resolve_routes(routes, depth), depth, n)
-    p, c = net.patch_size, net.in_channels
-    other = 2 * n * c * p * p * d  # patch embedding
-    other += 2 * (256 * d + d * d)  # timestep MLP
-    other += 2 * d * 2 * d + 2 * n * d * p * p * net.out_channels  # final adaLN and projection
-    dense = depth * block_flops(n, d, net.mlp_ratio)
-    routed = sum(block_flops(k, d, net.mlp_ratio) for k in tokens)
-    return Flops(dense, routed, other)

@@ -11,7 +11,7 @@ from tread_scale.diffusion.edm import EDM
 from tread_scale.diffusion.rectified_flow import RectifiedFlow
 from tread_scale.models.dit import DiT
 from tread_scale.rng import mix_seed, sample_seeds
-from tread_scale.routing.flops import model_flops
+from tread_scale.models.flops import model_flops
 
 ROUTING_SALT = 0x7EAD
 

@@ -29,6 +29,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from tread_scale.cluster.signals import SignalWatchdog
+from tread_scale.compat.composer import save_checkpoint_now
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class Preemption(Callback):
         log.warning("preemption requested: checkpointing at batch %d and stopping", step)
         from composer.callbacks import CheckpointSaver
 
-        from tread_scale.parallel.deepspeed import DeepSpeedCheckpoint
+        from tread_scale.trainer.backends.deepspeed import DeepSpeedCheckpoint
         from tread_scale.trainer.ema_export import EMAExport
 
         callbacks = list(state.callbacks)
@@ -94,7 +95,7 @@ class Preemption(Callback):
                 cb.save(state)
         for cb in callbacks:
             if isinstance(cb, CheckpointSaver):
-                cb._save_checkpoint(state, logger)
+                save_checkpoint_now(cb, state, logger)
         for cb in callbacks:
             if isinstance(cb, EMAExport):
                 cb.export(state)

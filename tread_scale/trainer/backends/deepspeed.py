@@ -3,9 +3,10 @@
 The seams, chosen so that Composer's own training loop, events, callbacks, algorithms, loggers, checkpoint
 cadence and autoresume all stay in charge:
 
-* :class:`DeepSpeedTrainer` overrides ``Trainer._wrap_model_for_distributed`` (which runs after
-  ``Event.INIT`` and before checkpoint loading) to build the DeepSpeed engine around the ComposerModel
-  and puts the engine in ``state.model`` (Composer's DDP wrapping passes engines through).
+* :class:`DeepSpeedTrainer` implements the wrapping hook of
+  :class:`~tread_scale.compat.composer.WrappableTrainer` (run after ``Event.INIT``, before checkpoint
+  loading) to build the DeepSpeed engine around the ComposerModel and puts the engine in ``state.model``
+  (Composer's DDP wrapping passes engines through).
 * DeepSpeed runs with ``managed_gradient_accumulation: false`` and PyTorch-style backward: Composer's
   own ``loss.backward()`` per micro-batch (with its micro-batch weighting) accumulates gradients, the
   engine's hooks on its forward output do ZeRO's per-backward work, and ``engine.step()`` — called once
@@ -24,12 +25,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from composer import Trainer
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
 
+from tread_scale.compat.composer import WrappableTrainer, pass_deepspeed_engines_through_ddp
 from tread_scale.config import DeepSpeedConfig
 from tread_scale.data import object_store as s3
 from tread_scale.errors import CheckpointError, ConfigError
@@ -109,26 +110,7 @@ class EngineOptimizer:
         return None
 
 
-def _pass_engines_through_ddp() -> None:
-    """Make Composer's DDP wrapping leave DeepSpeed engines alone (it wraps inline in ``Trainer.__init__``)."""
-    import composer.trainer.trainer as composer_trainer
-
-    original = composer_trainer.prepare_ddp_module
-    if getattr(original, "_tread_passthrough", False):
-        return
-
-    def prepare_ddp_module(model, find_unused_parameters):
-        from deepspeed import DeepSpeedEngine
-
-        if isinstance(model, DeepSpeedEngine):
-            return model
-        return original(model, find_unused_parameters)
-
-    prepare_ddp_module._tread_passthrough = True  # type: ignore[attr-defined]
-    composer_trainer.prepare_ddp_module = prepare_ddp_module
-
-
-class DeepSpeedTrainer(Trainer):
+class DeepSpeedTrainer(WrappableTrainer):
     """A Composer ``Trainer`` whose model is a DeepSpeed engine (see the module docstring).
 
     Args:
@@ -141,11 +123,11 @@ class DeepSpeedTrainer(Trainer):
             raise ConfigError("DeepSpeed cannot be combined with a Composer parallelism config (FSDP/TP)")
         self.deepspeed_config = deepspeed_config
         self.deepspeed_engine = None
-        _pass_engines_through_ddp()
+        pass_deepspeed_engines_through_ddp()
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         super().__init__(**kwargs)
 
-    def _wrap_model_for_distributed(self, model, optimizers) -> None:
+    def wrap_model(self, model, optimizers) -> None:
         import deepspeed
 
         optimizer = self.state.optimizers[0]
