@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from tread_scale.config import ModelConfig
-from tread_scale.config_schema import to_dict
+from tread_scale.config import ModelConfig, to_dict
 from tread_scale.errors import CheckpointError
 from tread_scale.export import export_diffusers, import_facebook_dit, load_diffusers
 from tread_scale.factory import build_dit

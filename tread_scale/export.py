@@ -19,16 +19,13 @@ from pathlib import Path
 import torch
 
 from tread_scale.errors import CheckpointError
-from tread_scale.weights import load_weights, save_weights
+from tread_scale.weights import DataFacts, WeightsMeta, load_weights_and_meta, save_weights
 
 log = logging.getLogger(__name__)
 
 
-def _diffusers_config(meta: dict, state: dict[str, torch.Tensor]) -> dict:
-    from tread_scale.config import ModelConfig
-    from tread_scale.config_schema import from_dict
-
-    cfg = from_dict(ModelConfig, meta["model"], "model")
+def _diffusers_config(meta: WeightsMeta) -> dict:
+    cfg = meta.model_config()
     size, patch = cfg.size()
     if size.mlp_ratio != 4.0:
         raise CheckpointError("diffusers' DiT has a fixed MLP ratio of 4")
@@ -74,8 +71,8 @@ def export_diffusers(weights: str | Path, out_dir: str | Path) -> Path:
     """Write a ``DiTTransformer2DModel`` folder (config + safetensors) from exported EMA weights."""
     from diffusers import DiTTransformer2DModel
 
-    state, meta = load_weights(weights)
-    config = _diffusers_config(meta, state)
+    state, meta = load_weights_and_meta(weights)
+    config = _diffusers_config(meta)
     model = DiTTransformer2DModel(**config)
     mapped = to_diffusers_state(state, config["num_layers"])
     missing, unexpected = model.load_state_dict(mapped, strict=False)
@@ -84,7 +81,7 @@ def export_diffusers(weights: str | Path, out_dir: str | Path) -> Path:
         raise CheckpointError(f"diffusers layout mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
     out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)
-    (out / "tread_scale.json").write_text(json.dumps({**meta, "note": __doc__.split("\n\n")[1]}, indent=2))
+    (out / "tread_scale.json").write_text(json.dumps({**meta.to_dict(), "note": __doc__.split("\n\n")[1]}, indent=2))
     log.info("exported %s to diffusers layout at %s", weights, out)
     return out
 
@@ -110,8 +107,7 @@ def import_facebook_dit(checkpoint: str | Path, out: str | Path, model_name: str
     Raises:
         CheckpointError: If the file is not a plain tensor checkpoint or does not fit ``model_name``.
     """
-    from tread_scale.config import ModelConfig
-    from tread_scale.config_schema import to_dict
+    from tread_scale.config import ModelConfig, RoutingConfig, to_dict
     from tread_scale.factory import build_dit
 
     p = Path(checkpoint)
@@ -141,9 +137,9 @@ def import_facebook_dit(checkpoint: str | Path, out: str | Path, model_name: str
         raise CheckpointError(f"{p} does not fit {model_name}: {str(e).splitlines()[1].strip()}") from None
     if missing or unexpected:
         raise CheckpointError(f"{p} does not fit {model_name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    meta = {"model": to_dict(cfg), "routing": {"routes": [], "seed": None},
-            "objective": {"kind": "edm", "sigma_data": 0.5},
-            "data": {"latent_shape": [in_channels, input_size, input_size], "num_classes": num_classes,
-                     "vae": "sd-vae", "scaling_factor": 0.18215, "class_names": None},
-            "source": f"facebookresearch/DiT {p.name}", "step": 0, "ema": True}
+    meta = WeightsMeta(model=to_dict(cfg), routing=to_dict(RoutingConfig()),
+                       objective={"kind": "edm", "sigma_data": 0.5},
+                       data=DataFacts(latent_shape=[in_channels, input_size, input_size], num_classes=num_classes,
+                                      vae="sd-vae", scaling_factor=0.18215),
+                       source=f"facebookresearch/DiT {p.name}", step=0, ema=True)
     return save_weights(out, net.state_dict(), meta)

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
 
 from tread_scale.errors import DatasetError
+from tread_scale.jsonl import last_record_per_step
 
 
 def _records(path: Path, key: str) -> list[dict]:
-    """Records of a JSON-lines file that have ``key``; a re-logged step (after a resume) replaces the earlier."""
-    if not path.is_file():
-        return []
-    by_step: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            if key in rec:
-                by_step[rec["step"]] = rec
-    return [by_step[k] for k in sorted(by_step)]
+    """Records of a JSON-lines file that have ``key``, the last of each step winning; none if it is missing."""
+    return last_record_per_step(path, key) if path.is_file() else []
 
 
 def _label(run: Path) -> str:

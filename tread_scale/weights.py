@@ -5,33 +5,200 @@ Only safetensors are loaded: no pickled code is ever executed when sampling or e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tread_scale.errors import CheckpointError
 
+if TYPE_CHECKING:
+    from tread_scale.config import ModelConfig, RoutingConfig, RunConfig
+    from tread_scale.data.metadata import LatentMetadata
+
 META_KEY = "tread_scale"
 
 
-def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Write ``state_dict`` (contiguous CPU copies) and ``meta`` (JSON) to a safetensors file, atomically."""
+@dataclass
+class DataFacts:
+    """What a weight file records about the data its network was trained on.
+
+    Attributes:
+        latent_shape: ``[C, H, W]`` of the network's input.
+        num_classes: Labels are ``0..num_classes-1``.
+        vae: Identifier of the VAE whose latents the network models, or ``none`` for pixel space.
+        scaling_factor: Factor the latents were multiplied by (``None`` when not recorded).
+        class_names: Names of the classes, by label, if known.
+    """
+
+    latent_shape: list[int]
+    num_classes: int
+    vae: str = "none"
+    scaling_factor: float | None = None
+    class_names: list[str] | None = None
+
+
+@dataclass
+class WeightsMeta:
+    """The metadata stored with exported weights: enough to rebuild and sample the network on its own.
+
+    ``model``, ``routing`` and ``objective`` are the config sections as plain mappings (what
+    :func:`tread_scale.config.to_dict` gives); :meth:`model_config` and :meth:`routing_config` type them.
+    Optional fields that are ``None`` are left out of :meth:`to_dict`, and keys this class does not know
+    are kept in ``extra``, so a file's metadata survives a round trip.
+
+    Attributes:
+        model: The ``model`` config section.
+        objective: The ``objective`` config section (``kind``, ``sigma_data``, ...).
+        data: Facts of the training data.
+        routing: The ``routing`` config section (``routes``, ``seed``); empty means dense.
+        run_name: The training run that wrote the file.
+        source: Where imported weights came from (e.g. a facebookresearch/DiT checkpoint).
+        step: Training batch the weights are from.
+        ema: Whether these are EMA weights (``False``: raw weights of a run without EMA).
+        extra: Other keys, kept as they are.
+    """
+
+    model: dict[str, Any]
+    objective: dict[str, Any]
+    data: DataFacts
+    routing: dict[str, Any] = field(default_factory=dict)
+    run_name: str | None = None
+    source: str | None = None
+    step: int | None = None
+    ema: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _OPTIONAL = ("run_name", "source", "step", "ema")
+
+    @classmethod
+    def from_run(cls, cfg: RunConfig, data: LatentMetadata) -> WeightsMeta:
+        """The metadata of weights trained by the run ``cfg`` on the dataset described by ``data``."""
+        from tread_scale.config import to_dict
+
+        return cls(model=to_dict(cfg.model), routing=to_dict(cfg.routing), objective=to_dict(cfg.objective),
+                   data=DataFacts(latent_shape=list(data.latent_shape), num_classes=data.num_classes, vae=data.vae,
+                                  scaling_factor=data.scaling_factor, class_names=data.class_names),
+                   run_name=cfg.run_name)
+
+    @classmethod
+    def from_dict(cls, meta: Mapping[str, Any], where: str = "weights") -> WeightsMeta:
+        """Parse the JSON mapping stored in a weight file.
+
+        Args:
+            meta: The mapping (as :func:`load_weights` returns it).
+            where: The file, named in errors.
+
+        Raises:
+            CheckpointError: If ``model``, ``objective``, ``data`` or the data's ``latent_shape`` or
+                ``num_classes`` is missing.
+        """
+        missing = [k for k in ("model", "objective", "data") if k not in meta]
+        data = meta.get("data") or {}
+        missing += [f"data.{k}" for k in ("latent_shape", "num_classes") if "data" in meta and k not in data]
+        if missing:
+            raise CheckpointError(f"{where}: the weights' metadata lacks {', '.join(missing)} (not written by "
+                                  "tread_scale, or damaged)")
+        facts = DataFacts(latent_shape=[int(v) for v in data["latent_shape"]], num_classes=int(data["num_classes"]),
+                          vae=data.get("vae", "none"), scaling_factor=data.get("scaling_factor"),
+                          class_names=data.get("class_names"))
+        known = {"model", "objective", "data", "routing", *cls._OPTIONAL}
+        return cls(model=dict(meta["model"]), objective=dict(meta["objective"]), data=facts,
+                   routing=dict(meta.get("routing") or {}), extra={k: v for k, v in meta.items() if k not in known},
+                   **{k: meta.get(k) for k in cls._OPTIONAL})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able mapping stored in the file (the inverse of :meth:`from_dict`)."""
+        out: dict[str, Any] = {**self.extra, "model": self.model, "routing": self.routing,
+                               "objective": self.objective, "data": dataclasses.asdict(self.data)}
+        out.update({k: getattr(self, k) for k in self._OPTIONAL if getattr(self, k) is not None})
+        return out
+
+    def at_step(self, step: int, ema: bool) -> WeightsMeta:
+        """A copy for the weights of batch ``step`` (``ema``: whether they are EMA weights)."""
+        return dataclasses.replace(self, step=step, ema=ema)
+
+    @property
+    def objective_kind(self) -> str:
+        """``edm`` or ``rf``."""
+        return str(self.objective["kind"])
+
+    @property
+    def sigma_data(self) -> float:
+        """σ_data of the EDM objective (0.5 when not recorded)."""
+        return float(self.objective.get("sigma_data", 0.5))
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the training data."""
+        return self.data.num_classes
+
+    def model_config(self) -> ModelConfig:
+        """The recorded ``model`` section as a :class:`~tread_scale.config.ModelConfig`.
+
+        Raises:
+            ConfigError: If the recorded section does not fit the schema.
+        """
+        from tread_scale.config import ModelConfig, from_dict
+
+        return from_dict(ModelConfig, self.model, "model")
+
+    def routing_config(self) -> RoutingConfig:
+        """The recorded ``routing`` section as a :class:`~tread_scale.config.RoutingConfig`."""
+        from tread_scale.config import RoutingConfig, from_dict
+
+        return from_dict(RoutingConfig, self.routing, "routing")
+
+
+def resolve_weights(path: str | os.PathLike) -> Path:
+    """A weights file as given, or ``<run>/ema/latest.safetensors`` for a run folder.
+
+    Raises:
+        CheckpointError: If ``path`` is a folder without ``ema/latest.safetensors``.
+    """
+    p = Path(path)
+    if p.is_dir():
+        candidate = p / "ema" / "latest.safetensors"
+        if not candidate.is_file():
+            raise CheckpointError(f"{p} is a folder without ema/latest.safetensors (not a finished training run)")
+        return candidate
+    return p
+
+
+def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
+                 meta: WeightsMeta | Mapping[str, Any]) -> Path:
+    """Write ``state_dict`` (contiguous CPU copies) and ``meta`` (JSON) to a safetensors file, atomically.
+
+    Args:
+        path: The ``.safetensors`` file.
+        state_dict: The tensors.
+        meta: A :class:`WeightsMeta` (or its :meth:`~WeightsMeta.to_dict` mapping).
+
+    Returns:
+        ``path``.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+    raw = meta.to_dict() if isinstance(meta, WeightsMeta) else dict(meta)
+    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(raw, sort_keys=True)})
     tmp.replace(path)
     return path
 
 
 def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a file written by :func:`save_weights`.
+
+    Returns:
+        ``(tensors, metadata)``, the metadata as the stored mapping (see :func:`load_weights_and_meta`).
 
     Raises:
         CheckpointError: If the file is missing, not safetensors (pickles are refused) or lacks the metadata.
@@ -54,3 +221,13 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     if raw_meta is None:
         raise CheckpointError(f"{p}: no '{META_KEY}' metadata; it was not written by tread_scale")
     return tensors, json.loads(raw_meta)
+
+
+def load_weights_and_meta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], WeightsMeta]:
+    """:func:`load_weights` with the metadata parsed into a :class:`WeightsMeta`.
+
+    Raises:
+        CheckpointError: As :func:`load_weights`, or if the metadata lacks what rebuilding the network needs.
+    """
+    tensors, raw = load_weights(path)
+    return tensors, WeightsMeta.from_dict(raw, str(path))

@@ -20,6 +20,12 @@ DEMO_CLASSES: list[tuple[str, tuple[float, float, float]]] = [
     ("cyan_diamond", (0.1, 0.9, 0.95)),
 ]
 
+#: Defaults of ``tread-scale convert demo`` and :class:`~tread_scale.data.sources.DemoSource`: the input of
+#: ``yamls/demo.yaml``'s model (3x16x16 pixels, 6 classes), so converted demo data trains with it as is.
+DEMO_RESOLUTION = 16
+DEMO_NUM_CLASSES = len(DEMO_CLASSES)
+DEMO_NUM_SAMPLES = 4096
+
 
 def _mask(kind: str, xx: np.ndarray, yy: np.ndarray, r: float, angle: float) -> np.ndarray:
     c, s = np.cos(angle), np.sin(angle)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from tread_scale.data.demo import DEMO_NUM_CLASSES, DEMO_NUM_SAMPLES, DEMO_RESOLUTION
 from tread_scale.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -87,12 +88,15 @@ def files_stamp(files: Sequence[Path]) -> str:
 # --------------------------------------------------------------------------- demo
 @dataclass
 class DemoSource(Source):
-    """The built-in procedural shapes (:mod:`tread_scale.data.demo`), in pixel space."""
+    """The built-in procedural shapes (:mod:`tread_scale.data.demo`), in pixel space.
 
-    num_samples: int = 4096
-    resolution: int = 32
+    The defaults (4096 samples of 3x16x16, 6 classes) fit ``yamls/demo.yaml``'s model.
+    """
+
+    num_samples: int = DEMO_NUM_SAMPLES
+    resolution: int = DEMO_RESOLUTION
     seed: int = 0
-    num_classes: int = 6
+    num_classes: int = DEMO_NUM_CLASSES
     kind = "demo"
 
     def describe(self) -> dict:

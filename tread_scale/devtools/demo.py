@@ -30,10 +30,11 @@ DATA = f"s3://{BUCKET}/shapes"
 def main(argv: list[str] | None = None) -> int:
     from tread_scale.config import load_config
     from tread_scale.data.convert import ConvertOptions, convert
+    from tread_scale.data.demo import DEMO_NUM_SAMPLES
     from tread_scale.data.sources import DemoSource
     from tread_scale.devtools import local_s3
     from tread_scale.diffusion.guidance import Guidance
-    from tread_scale.sample_cli import sample_to_folder
+    from tread_scale.sampling import sample_to_folder
     from tread_scale.trainer.builder import train
 
     setup_logging("INFO")
@@ -48,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         server.create_bucket(BUCKET)
         log.info("S3 server (moto) at %s, bucket %s", server.endpoint, BUCKET)
         t_data = time.time()
-        meta = convert(DemoSource(num_samples=4096, resolution=cfg.model.input_size, num_classes=cfg.model.num_classes),
-                       DATA, ConvertOptions(processes=2, shard_size="1mb", progress=False))
+        source = DemoSource(num_samples=DEMO_NUM_SAMPLES, resolution=cfg.model.input_size,
+                            num_classes=cfg.model.num_classes)
+        meta = convert(source, DATA, ConvertOptions(processes=2, shard_size="1mb", progress=False))
         t_train = time.time()
         result = train(cfg)
         train_seconds = time.time() - t_train

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from composer.utils.misc import create_interval_scheduler
 from tread_scale.data import object_store as s3
 from tread_scale.trainer.ema import EMA
 from tread_scale.trainer.net_copy import weights_to_sample
-from tread_scale.weights import save_weights
+from tread_scale.weights import WeightsMeta, save_weights
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +31,16 @@ class EMAExport(Callback):
         ema: The EMA callback, or ``None``.
         out_dir: Local folder.
         interval: Checkpoint interval (e.g. ``5000ba``); also at the end of training.
-        meta: JSON-able metadata (model, routing, objective, data facts).
+        meta: What the files record to rebuild the network (model, routing, objective, data facts): a
+            :class:`~tread_scale.weights.WeightsMeta` (a mapping is parsed into one).
         remote_dir: Also upload there (``s3://…``), if given.
     """
 
-    def __init__(self, ema: EMA | None, out_dir: str | Path, interval: str, meta: dict[str, Any],
+    def __init__(self, ema: EMA | None, out_dir: str | Path, interval: str, meta: WeightsMeta | Mapping[str, Any],
                  remote_dir: str | None = None) -> None:
         self.ema = ema
         self.out_dir = Path(out_dir)
-        self.meta = meta
+        self.meta = meta if isinstance(meta, WeightsMeta) else WeightsMeta.from_dict(meta, "EMAExport")
         self.remote_dir = remote_dir
         self._due = create_interval_scheduler(interval)
         self.last_export: Path | None = None
@@ -48,11 +50,16 @@ class EMAExport(Callback):
             self.export(state)
 
     def export(self, state: State) -> Path | None:
+        """Write the weights of the current batch now (rank 0 writes; every rank takes part in gathering them).
+
+        Returns:
+            The written ``ba<N>.safetensors`` on rank 0, ``None`` elsewhere.
+        """
         weights = weights_to_sample(state, self.ema)
         if dist.get_global_rank() != 0:
             return None
         step = int(state.timestamp.batch)
-        meta = {**self.meta, "step": step, "ema": self.ema is not None}
+        meta = self.meta.at_step(step, ema=self.ema is not None)
         path = save_weights(self.out_dir / f"ba{step:08d}.safetensors", weights, meta)
         latest = self.out_dir / "latest.safetensors"
         shutil.copyfile(path, latest.with_name("latest.safetensors.tmp"))

@@ -75,7 +75,7 @@ class FIDMonitor(Callback):
     @torch.no_grad()
     def evaluate(self, state: State, logger: Logger) -> float:
         from tread_scale.evaluation.fid import features_of, scores
-        from tread_scale.evaluation.generate import generate, rank_indices
+        from tread_scale.sampling import generate, rank_indices
         from tread_scale.evaluation.inception import load_inception
 
         t0 = time.time()

@@ -10,6 +10,8 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from tread_scale.jsonl import last_record_per_step
+
 
 class MetricsLog(Callback):
     """Every ``interval`` batches, append ``{"step", "loss", "samples", "wall_s", "samples_per_s",
@@ -78,13 +80,12 @@ class MetricsLog(Callback):
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """Records of a ``metrics.jsonl`` file; a resumed run's re-logged steps replace the earlier ones."""
-    by_step: dict[int, dict] = {}
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            by_step[rec["step"]] = rec
-    return [by_step[k] for k in sorted(by_step)]
+    """Records of a ``metrics.jsonl`` file in step order; a resumed run's re-logged steps replace the earlier.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+    """
+    return last_record_per_step(path)
 
 
 __all__ = ["MetricsLog", "read_metrics"]

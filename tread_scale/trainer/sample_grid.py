@@ -13,9 +13,9 @@ from composer.loggers import Logger
 from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
 
-from tread_scale.imaging import make_grid, save_png, to_uint8
+from tread_scale.imaging import save_png
 from tread_scale.models.dit import DiT
-from tread_scale.sampling import SamplerSettings, sample_latents, seeded_noise
+from tread_scale.sampling import SamplerSettings, render_grid
 from tread_scale.trainer.ema import EMA
 from tread_scale.trainer.net_copy import NetCopy, weights_to_sample
 
@@ -27,7 +27,7 @@ class SampleGrid(Callback):
 
     Sampling runs on rank 0 on an unwrapped copy of the network loaded with the EMA weights, so it works
     the same under every parallelism backend. Seeds are ``seed + i`` and labels cycle through the classes,
-    so successive grids are directly comparable.
+    so successive grids are directly comparable. The sampling itself is :func:`tread_scale.sampling.render_grid`.
 
     Args:
         make_net: Builds an unwrapped DiT of the trained architecture (rank 0 only).
@@ -70,19 +70,16 @@ class SampleGrid(Callback):
 
     @torch.no_grad()
     def generate(self, state: State, logger: Logger) -> Path | None:
+        """Sample the grid now (rank 0 samples; every rank takes part in gathering the weights).
+
+        Returns:
+            The written ``ba<N>.png`` on rank 0, ``None`` elsewhere.
+        """
         weights = weights_to_sample(state, self.ema)
         if dist.get_global_rank() != 0:
             return None
         net = self.net.load(state, weights)
-        device = next(net.parameters()).device
-        seeds = [self.seed + i for i in range(self.num_images)]
-        labels = torch.tensor([i % self.num_classes for i in range(self.num_images)], device=device)
-        noise = seeded_noise(seeds, (net.in_channels, *net.input_size)).to(device)
-        latents = sample_latents(net, self.sampler.objective, labels, noise, self.sampler.steps,
-                                 self.sampler.guidance(), edm=self.sampler.edm())
-        images = self.decode(latents) if self.decode is not None else latents
-        nrow = self.num_classes if self.num_classes <= 12 else min(self.num_images, 8)  # a column per class
-        grid = make_grid(to_uint8(images), nrow=nrow)
+        grid = render_grid(net, self.sampler, self.num_images, self.num_classes, self.seed, self.decode)
         step = int(state.timestamp.batch)
         path = save_png(self.out_dir / f"ba{step:08d}.png", grid)
         shutil.copyfile(path, self.out_dir / "latest.png")

@@ -9,6 +9,8 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from tread_scale.jsonl import last_record_per_step
+
 
 class SampleLedger(Callback):
     """Append ``{"step", "ids"}`` per batch to ``<folder>/rank<r>.jsonl``.
@@ -31,14 +33,13 @@ class SampleLedger(Callback):
 
 
 def consumed(folder: str | Path) -> dict[int, list[int]]:
-    """``{step: sorted ids of every rank}``, the last record of each (rank, step) winning."""
-    per_rank_step: dict[tuple[str, int], list[int]] = {}
-    for path in sorted(Path(folder).glob("rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                per_rank_step[(path.name, rec["step"])] = rec["ids"]
+    """``{step: sorted ids of every rank}``, the last record of each (rank, step) winning.
+
+    Args:
+        folder: The ledger folder (``rank<r>.jsonl`` files).
+    """
     steps: dict[int, list[int]] = {}
-    for (_, step), ids in per_rank_step.items():
-        steps.setdefault(step, []).extend(ids)
+    for path in sorted(Path(folder).glob("rank*.jsonl")):
+        for rec in last_record_per_step(path):
+            steps.setdefault(rec["step"], []).extend(rec["ids"])
     return {s: sorted(v) for s, v in sorted(steps.items())}

@@ -1,4 +1,4 @@
-"""Sampling from a trained DiT: per-sample seeds, EDM-Heun or rectified-flow Euler, guidance.
+"""The sampling loop of a trained DiT: per-sample seeded noise, EDM-Heun or rectified-flow Euler, guidance.
 
 Noise and labels of sample ``i`` come from its own seed, so a result does not depend on the batch size,
 the device count or the order of generation.
@@ -7,7 +7,6 @@ the device count or the order of generation.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -15,29 +14,6 @@ from torch import nn
 from tread_scale.diffusion.edm import EDM, edm_heun_sample
 from tread_scale.diffusion.guidance import Guidance, GuidedPredictor
 from tread_scale.diffusion.rectified_flow import rf_euler_sample
-
-
-@dataclass(frozen=True)
-class SamplerSettings:
-    """How to sample: the objective's sampler, its step count, classifier-free guidance and EDM's σ_data.
-
-    Args:
-        objective: ``edm`` (Heun) or ``rf`` (Euler).
-        steps: Sampler steps.
-        cfg_scale: Classifier-free guidance scale (1 = none).
-        sigma_data: σ_data of the EDM objective.
-    """
-
-    objective: str
-    steps: int
-    cfg_scale: float = 1.0
-    sigma_data: float = 0.5
-
-    def guidance(self) -> Guidance:
-        return Guidance(cfg_scale=self.cfg_scale)
-
-    def edm(self) -> EDM:
-        return EDM(sigma_data=self.sigma_data)
 
 
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
@@ -74,6 +50,9 @@ def sample_latents(
 
     Returns:
         ``(B, C, H, W)`` float32 latents on ``noise.device``.
+
+    Raises:
+        ValueError: If ``objective`` is neither ``edm`` nor ``rf``.
     """
     was_training = net.training
     net.eval()

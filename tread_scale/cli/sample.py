@@ -1,0 +1,42 @@
+"""``tread-scale sample``: a PNG grid and an ``.npz`` of samples from exported EMA weights."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from tread_scale.cli.common import add_guidance_args, guidance_from_args
+
+NAME = "sample"
+log = logging.getLogger(__name__)
+
+DEFAULT_GRID_MAX = 64  # tread_scale.sampling.DEFAULT_GRID_MAX, without importing torch to build the parser
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``sample``."""
+    p = sub.add_parser(NAME, help="sample a PNG grid and an .npz from exported EMA weights")
+    p.add_argument("weights", help="a .safetensors file written by training (ema/), or a run folder")
+    p.add_argument("--out", required=True, help="output folder (grid.png, samples.npz)")
+    p.add_argument("--num", type=int, default=16, help="number of samples (all of them go to samples.npz)")
+    p.add_argument("--grid-max", type=int, default=DEFAULT_GRID_MAX,
+                   help=f"at most this many samples in grid.png (default {DEFAULT_GRID_MAX})")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    p.add_argument("--labels", help="comma-separated labels (default: cycle through the classes)")
+    add_guidance_args(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Sample on every rank of the launched process group (if any); rank 0 writes the files."""
+    from tread_scale.parallel.process_group import launched_process_group
+    from tread_scale.sampling import sample_to_folder
+
+    labels = [int(x) for x in args.labels.split(",")] if args.labels else None
+    with launched_process_group():
+        out = sample_to_folder(args.weights, args.out, num=args.num, seed=args.seed, labels=labels,
+                               steps=args.steps, guidance=guidance_from_args(args), vae=args.vae,
+                               batch_size=args.batch_size, device=args.device, grid_max=args.grid_max)
+    if out:
+        log.info("wrote %s and %s", out["grid"], out["npz"])
+    return 0
