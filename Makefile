@@ -7,7 +7,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 STAMP  := $(VENV)/.installed
 S3RVER := .cache/s3rver/node_modules/.bin/s3rver
 
-.PHONY: demo test venv s3rver bench docker-lint docker-check clean
+.PHONY: demo test test-quick venv s3rver bench docker-lint docker-check clean
 
 # Run the demo end to end: embedded S3 server, demo dataset as MDS, TREAD training on CPU, samples.
 demo: $(STAMP)
@@ -20,6 +20,10 @@ test: $(STAMP) $(S3RVER)
 	@ls -1 /dev/shm > .cache/shm.after 2>/dev/null || true
 	@if comm -13 .cache/shm.before .cache/shm.after | grep -q .; then \
 	  echo "files left in /dev/shm by the tests:"; comm -13 .cache/shm.before .cache/shm.after; exit 1; fi
+
+# The suite without the tests marked slow (multi-rank backends, kill -9 resume, FID, Slurm): a few minutes.
+test-quick: $(STAMP) $(S3RVER)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 venv: $(STAMP)
 

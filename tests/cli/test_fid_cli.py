@@ -45,6 +45,7 @@ def _composer(*args, cwd):
     return proc
 
 
+@pytest.mark.slow
 def test_fid_against_data_and_against_saved_statistics(trained, capsys):
     t = trained
     ref = t["root"] / "ref.npz"
@@ -73,6 +74,7 @@ def test_two_ranks_sample_exactly_the_images_of_one(trained):
     assert np.array_equal(a["latents"], b["latents"]) and np.array_equal(a["images"], b["images"])
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_fid_of_one(trained):
     t = trained
     ref = t["root"] / "ref2.npz"

@@ -14,8 +14,8 @@ import pytest
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("apt-get") is None,
-                                reason="starting slurmd/munged needs root and Debian packages")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0 or shutil.which("apt-get") is None,
+                                reason="starting slurmd/munged needs root and Debian packages")]
 
 TINY = ["model.name=null", "model.depth=4", "model.hidden_size=64", "model.num_heads=4", "model.patch_size=2",
         "model.input_size=8", "model.num_classes=5", "routing.routes[0].start=1", "routing.routes[0].end=2",

@@ -44,7 +44,7 @@ def test_training_never_writes_into_a_compressed_dataset(latent_dataset, tmp_pat
     """The cause of the two-node stall, checked deterministically: each node decompresses into its own cache."""
     from tread_scale.config import config_from_dict
     from tread_scale.data.metadata import read_metadata
-    from tread_scale.trainer.builder import build_dataloader
+    from tread_scale.trainer.data import build_dataloader
     from tests.conftest import tiny_run_cfg
 
     data = Path(shutil.copytree(latent_dataset, tmp_path / "data"))

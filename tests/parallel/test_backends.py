@@ -21,6 +21,8 @@ from tests.conftest import tiny_run_cfg
 from tests.parallel.launcher import launch, losses
 from tread_scale.weights import load_weights
 
+pytestmark = pytest.mark.slow  # > 30 s each on a 2-core CPU (make test-quick skips them)
+
 BACKENDS = {
     "ddp": ["parallelism.backend=ddp"],
     "fsdp_reshard": ["parallelism.backend=fsdp", "parallelism.fsdp.reshard_after_forward=true"],

@@ -15,7 +15,7 @@ from tread_scale.data.dataset import LatentStreamingDataset
 from tread_scale.data.sources import NpyFolderSource
 from tread_scale.errors import CheckpointError, ConfigError, DatasetError, DatasetMismatchError, RouteError
 from tread_scale.trainer.builder import build_trainer, train
-from tread_scale.trainer.nonfinite import TrainingDivergedError
+from tread_scale.trainer.callbacks.nonfinite import TrainingDivergedError
 
 from tests.conftest import tiny_run_cfg
 

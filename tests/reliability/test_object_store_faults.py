@@ -112,6 +112,7 @@ def test_dead_endpoint_is_a_clear_error_in_bounded_time(own_s3, tmp_path):
     assert "cannot fetch shard" in out and f"from the S3 endpoint http://127.0.0.1:{port}" in out
 
 
+@pytest.mark.slow
 def test_cut_off_checkpoint_upload_resumes_from_the_previous_complete_one(own_s3, tmp_path, monkeypatch):
     uri = "s3://faults/ckpt-data"
     _dataset(tmp_path, uri)

@@ -15,8 +15,10 @@ import yaml
 
 from tests.conftest import REPO, tiny_run_cfg
 from tests.parallel.launcher import launch, losses
-from tread_scale.trainer.sample_ledger import consumed
+from tread_scale.trainer.callbacks.sample_ledger import consumed
 from tread_scale.weights import load_weights
+
+pytestmark = pytest.mark.slow  # > 30 s each on a 2-core CPU (make test-quick skips them)
 
 BACKENDS = {"ddp": ["parallelism.backend=ddp"], "fsdp": ["parallelism.backend=fsdp"]}
 

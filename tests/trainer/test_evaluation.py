@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from tread_scale.config import config_from_dict
@@ -10,11 +11,12 @@ from tread_scale.evaluation.inception import FIDInception, save_inception
 from tread_scale.evaluation.metrics import ReferenceStats
 from tread_scale.plot import plot_runs
 from tread_scale.trainer.builder import build_trainer, train
-from tread_scale.trainer.evaluation import ValidationLoss
+from tread_scale.trainer.callbacks.evaluation import ValidationLoss
 
 from tests.conftest import tiny_run_cfg
 
 
+@pytest.mark.slow
 def test_fid_and_validation_loss_during_training_and_plot(latent_dataset, tmp_path):
     torch.manual_seed(0)
     inception = save_inception(FIDInception().eval(), tmp_path / "inception.safetensors")

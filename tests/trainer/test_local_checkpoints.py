@@ -2,7 +2,7 @@
 
 import os
 
-from tread_scale.trainer.local_checkpoints import batch_of, set_aside_orphans
+from tread_scale.trainer.checkpointing.local import batch_of, set_aside_orphans
 
 
 def test_newer_than_latest_is_moved_aside_and_kept(tmp_path):

@@ -2,7 +2,7 @@
 
 import json
 
-from tread_scale.trainer.sample_ledger import consumed
+from tread_scale.trainer.callbacks.sample_ledger import consumed
 
 
 def test_last_record_per_rank_and_step(tmp_path):

@@ -1,17 +1,20 @@
-"""ComposerModel adapter: a DiT plus a diffusion objective."""
+"""ComposerModel adapter: a DiT plus a diffusion objective, and the ``TrainStep`` callback that feeds it the step."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
 from composer.models import ComposerModel
+from torch import nn
 
 from tread_scale.diffusion.edm import EDM
 from tread_scale.diffusion.rectified_flow import RectifiedFlow
 from tread_scale.models.dit import DiT
-from tread_scale.rng import mix_seed, sample_seeds
 from tread_scale.models.flops import model_flops
+from tread_scale.rng import mix_seed, sample_seeds
 
 ROUTING_SALT = 0x7EAD
 
@@ -22,7 +25,7 @@ class DiffusionModel(ComposerModel):
     ``forward`` returns the scalar stochastic loss of the batch; ``loss`` passes it through. Every random
     draw of a training sample (noise level, noise, label dropout, routed token subset) comes from its own
     generator seeded ``mix(seed, step, id)``, where ``step`` is the optimizer step (set before each batch by
-    :class:`~tread_scale.trainer.train_step.TrainStep`) and ``id`` the sample's dataset id. Each rank thus
+    :class:`TrainStep`) and ``id`` the sample's dataset id. Each rank thus
     draws for its own samples, and a step's draws do not depend on the world size, the micro-batch split
     or whether the run was resumed.
 
@@ -71,3 +74,56 @@ class DiffusionModel(ComposerModel):
 
     def get_metrics(self, is_train: bool = False) -> dict:
         return {}
+
+
+class TrainStep(Callback):
+    """Before each training batch, set ``model.step`` to the batch count (restored by Composer on resume).
+
+    :class:`DiffusionModel` seeds every sample's draws with it.
+    """
+
+    def before_train_batch(self, state: State, logger: Logger) -> None:
+        unwrap(state.model).step = int(state.timestamp.batch)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP-style ``.module`` wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def dit_of(model: nn.Module) -> nn.Module:
+    """The routed block stack's owner inside a (possibly wrapped) ComposerModel: ``model.net`` or the model."""
+    model = unwrap(model)
+    return getattr(model, "net", model)
+
+
+def build_model(cfg, device: str) -> tuple[DiffusionModel, torch.optim.Optimizer]:
+    """The run's :class:`DiffusionModel` (same initial weights on every rank and run) and its AdamW.
+
+    Args:
+        cfg: The validated :class:`~tread_scale.config.RunConfig`.
+        device: Composer's device name; fused AdamW is used on GPU, and on CPU for plain (DDP) parameters,
+            where it is 9x the default loop (B/2: 53 vs 487 ms a step); CPU FSDP2 (DTensor) and DeepSpeed
+            parameters keep the default.
+    """
+    from composer.utils import reproducibility
+
+    from tread_scale.factory import build_dit, build_objective
+    from tread_scale.sampling import load_initial_weights
+
+    reproducibility.seed_all(cfg.seed)  # identical initial weights on every rank and every run
+    net = build_dit(cfg.model)
+    net.grad_checkpointing = cfg.parallelism.activation_checkpointing
+    if cfg.train.compile:
+        for block in net.blocks:
+            block.compile(backend=cfg.train.compile_backend)
+    if cfg.model.init_from:
+        load_initial_weights(net, cfg.model.init_from)
+    model = DiffusionModel(net, build_objective(cfg.objective), seed=cfg.seed)
+    opt = cfg.optimizer
+    fused = opt.fused if opt.fused is not None else (device == "gpu" or cfg.parallelism.backend == "ddp")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
+                                  weight_decay=opt.weight_decay, fused=fused)
+    return model, optimizer

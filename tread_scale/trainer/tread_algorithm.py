@@ -14,7 +14,7 @@ from torch import nn
 from tread_scale.routing.flops import routed_block_fraction
 from tread_scale.routing.router import TokenRouter
 from tread_scale.routing.routes import Route, resolve_routes
-from tread_scale.trainer.utils import dit_of
+from tread_scale.trainer.model import dit_of
 
 log = logging.getLogger(__name__)
 
@@ -89,3 +89,18 @@ class TREADRouting(Algorithm):
             self.router.load_routing_state(router_state)
         else:
             self._pending = dict(router_state)
+
+
+def build_algorithms(cfg) -> list[Algorithm]:
+    """The run's Composer algorithms: TREAD routing (when routes are set) and gradient clipping.
+
+    DeepSpeed clips inside its own step (``gradient_clipping`` in its config), so no clipping algorithm then.
+    """
+    from composer.algorithms import GradientClipping
+
+    algorithms: list[Algorithm] = []
+    if cfg.routes:
+        algorithms.append(TREADRouting(cfg.routes, seed=cfg.routing_seed))
+    if cfg.optimizer.grad_clip_norm is not None and cfg.parallelism.backend != "deepspeed":
+        algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=cfg.optimizer.grad_clip_norm))
+    return algorithms

@@ -87,7 +87,7 @@ class Preemption(Callback):
         from composer.callbacks import CheckpointSaver
 
         from tread_scale.trainer.backends.deepspeed import DeepSpeedCheckpoint
-        from tread_scale.trainer.ema_export import EMAExport
+        from tread_scale.trainer.callbacks.ema_export import EMAExport
 
         callbacks = list(state.callbacks)
         for cb in callbacks:

@@ -1,8 +1,10 @@
-"""A WandBLogger that works with ``mode: offline`` and no API key."""
+"""Loggers of a run: wandb (working with ``mode: offline`` and no API key), with secrets redacted."""
 
 from __future__ import annotations
 
 import os
+
+import yaml
 
 from composer.loggers import WandBLogger
 
@@ -29,3 +31,24 @@ class OfflineSafeWandBLogger(WandBLogger):
         if self.mode != "online" or os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
             raise FileNotFoundError(f"wandb is {self.mode}: no remote file {remote_file_name}")
         return super().download_file(remote_file_name, destination, overwrite, progress_bar)
+
+
+def redacted_config(cfg) -> dict:
+    """The config as a plain dict with secret environment values replaced by ``REDACTED`` (for loggers)."""
+    from tread_scale.config import dump_config
+    from tread_scale.log_setup import redact
+
+    return yaml.safe_load(redact(dump_config(cfg)))
+
+
+def build_loggers(cfg) -> list:
+    """The run's experiment loggers (wandb when ``logging.wandb.enabled``); nothing secret reaches them."""
+    from tread_scale.log_setup import redact
+
+    if not cfg.logging.wandb.enabled:
+        return []
+    config = redacted_config(cfg)
+    w = config["logging"]["wandb"]
+    return [OfflineSafeWandBLogger(mode=w["mode"], project=w["project"], entity=w["entity"], group=w["group"],
+                                   name=redact(cfg.run_name), tags=list(w["tags"]),
+                                   init_kwargs={"config": config, "dir": str(cfg.run_dir)})]

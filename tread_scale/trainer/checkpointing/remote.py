@@ -30,7 +30,7 @@ from composer.utils import dist
 
 from tread_scale.compat.composer import upload_workers_alive
 from tread_scale.data import object_store as s3
-from tread_scale.trainer.local_checkpoints import batch_of
+from tread_scale.trainer.checkpointing.local import batch_of
 
 log = logging.getLogger(__name__)
 
@@ -130,3 +130,56 @@ class CheckpointManifests(Callback):
                 self._check()
             except Exception as e:  # noqa: BLE001 - shutting down; the original error matters more
                 log.warning("could not verify checkpoint uploads while shutting down: %s", e)
+
+
+def repair_remote_latest(save_folder: str) -> str | None:
+    """Point the remote ``latest`` symlink at the newest verified checkpoint; returns its key (or ``None``)."""
+    from botocore.exceptions import ClientError
+
+    bucket, prefix = s3.parse_s3_uri(save_folder)
+    client = s3.s3_client()
+    objects = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        for o in page.get("Contents", []):
+            if "/" not in o["Key"][len(prefix) + 1:]:  # this folder only, not orphaned/ or ema/
+                objects[o["Key"]] = int(o["Size"])
+    verified = []
+    for key in objects:
+        if key.endswith(MANIFEST_SUFFIX):
+            target = key[: -len(MANIFEST_SUFFIX)]
+            manifest = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+            if objects.get(target) == manifest["size"]:
+                verified.append(target)
+    symlink_key = f"{prefix}/{SYMLINK}"
+    current = None
+    if symlink_key in objects:
+        current = client.get_object(Bucket=bucket, Key=symlink_key)["Body"].read().decode().strip()
+
+    best = max(verified, key=batch_of, default=None)
+    floor = batch_of(best) if best else -1
+    for key in objects:
+        if key.endswith(".pt") and key not in verified and batch_of(key) > floor:
+            aside = f"{prefix}/orphaned/{key.rsplit('/', 1)[-1]}"
+            log.warning("moving s3://%s/%s to %s: it has no verified manifest (an upload that did not complete)",
+                        bucket, key, aside)
+            try:
+                s3.s3_client(max_attempts=2).copy_object(Bucket=bucket, Key=aside, CopySource={"Bucket": bucket, "Key": key})
+            except ClientError as e:  # a store may not be able to read back a cut-off object at all
+                log.warning("could not copy s3://%s/%s (%s); deleting it: it is unreadable and would block the "
+                            "re-upload of that step", bucket, key, e.response.get("Error", {}).get("Code"))
+            client.delete_object(Bucket=bucket, Key=key)
+    if current == best:
+        return best
+    if best is None:
+        if current is not None:
+            log.warning("remote latest checkpoint %s has no verified manifest and no complete checkpoint exists; "
+                        "removing the pointer (training starts fresh)", current)
+            client.delete_object(Bucket=bucket, Key=symlink_key)
+        return None
+    client.put_object(Bucket=bucket, Key=symlink_key, Body=best.encode())
+    if current is None:
+        log.warning("no remote latest pointer; the newest complete checkpoint is %s: resuming from it", best)
+    else:
+        log.warning("remote latest pointed at %s, which is missing or incomplete; resuming from the newest "
+                    "complete checkpoint %s", current, best)
+    return best

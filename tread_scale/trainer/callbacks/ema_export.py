@@ -14,8 +14,8 @@ from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
 
 from tread_scale.data import object_store as s3
-from tread_scale.trainer.ema import EMA
-from tread_scale.trainer.net_copy import weights_to_sample
+from tread_scale.trainer.callbacks.ema import EMA
+from tread_scale.trainer.callbacks.net_copy import weights_to_sample
 from tread_scale.weights import WeightsMeta, save_weights
 
 log = logging.getLogger(__name__)

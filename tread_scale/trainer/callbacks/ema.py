@@ -10,7 +10,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 
 from tread_scale.parallel.params import full_state_dict, gather_full, local_piece, piece_of_full
-from tread_scale.trainer.utils import dit_of
+from tread_scale.trainer.model import dit_of
 
 log = logging.getLogger(__name__)
 

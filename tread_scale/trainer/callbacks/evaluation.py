@@ -17,8 +17,8 @@ from composer.utils.misc import create_interval_scheduler
 from tread_scale.models.dit import DiT
 from tread_scale.rng import mix_seed
 from tread_scale.sampling import SamplerSettings
-from tread_scale.trainer.ema import EMA
-from tread_scale.trainer.net_copy import NetCopy, weights_to_sample
+from tread_scale.trainer.callbacks.ema import EMA
+from tread_scale.trainer.callbacks.net_copy import NetCopy, weights_to_sample
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from composer.core import State
 
 from tread_scale.models.dit import DiT
 from tread_scale.parallel.params import full_state_dict
-from tread_scale.trainer.ema import EMA
-from tread_scale.trainer.utils import dit_of
+from tread_scale.trainer.callbacks.ema import EMA
+from tread_scale.trainer.model import dit_of
 
 
 def weights_to_sample(state: State, ema: EMA | None) -> dict[str, torch.Tensor]:

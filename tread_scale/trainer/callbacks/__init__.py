@@ -1,0 +1,87 @@
+"""Composer callbacks of a training run (one per file) and :func:`build_callbacks`, which picks them for a run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tread_scale.data.metadata import LatentMetadata
+
+
+@dataclass
+class RunCallbacks:
+    """The callbacks of a run, in the order Composer runs them, and those whose outputs the caller reports."""
+
+    callbacks: list
+    ema: Any
+    export: Any
+    grid: Any
+
+
+def build_callbacks(cfg, run, meta: LatentMetadata, dataset) -> RunCallbacks:
+    """Step counter, NaN guard, EMA and its export, sample grid, metrics, evaluation, ledger, preemption.
+
+    Args:
+        cfg: The validated :class:`~tread_scale.config.RunConfig`.
+        run: The run's :class:`~tread_scale.trainer.run.RunContext`.
+        meta: The dataset's facts.
+        dataset: The training dataset (the validation loss reads held-out batches of it).
+    """
+    from tread_scale.data import object_store as s3
+    from tread_scale.factory import build_dit
+    from tread_scale.sampling import SamplerSettings, make_decoder
+    from tread_scale.trainer.callbacks.ema import EMA
+    from tread_scale.trainer.callbacks.ema_export import EMAExport
+    from tread_scale.trainer.callbacks.metrics_log import MetricsLog
+    from tread_scale.trainer.callbacks.nonfinite import NonFiniteLossGuard
+    from tread_scale.trainer.callbacks.preemption import Preemption
+    from tread_scale.trainer.callbacks.sample_grid import SampleGrid
+    from tread_scale.trainer.model import TrainStep
+    from tread_scale.weights import WeightsMeta
+
+    ema = EMA(cfg.ema.decay) if cfg.ema.enabled else None
+    ckpt = cfg.checkpoint_folder()
+    export = EMAExport(ema, run.run_dir / "ema", cfg.train.save_interval, WeightsMeta.from_run(cfg, meta),
+                       remote_dir=s3.join_uri(ckpt, "ema") if s3.is_s3(ckpt) else None)
+    decode = make_decoder(cfg.sampling.vae if meta.vae != "none" else None, meta.vae, setting="sampling.vae")
+    grid = SampleGrid(
+        make_net=lambda: build_dit(cfg.model, cfg.routes, cfg.routing_seed),
+        ema=ema, out_dir=run.run_dir / "samples", interval=cfg.sampling.every,
+        sampler=SamplerSettings(cfg.objective.kind, cfg.sampling.steps, cfg.sampling.cfg_scale,
+                                cfg.objective.sigma_data),
+        num_classes=meta.num_classes, num_images=cfg.sampling.num_images, seed=cfg.sampling.seed, decode=decode,
+        at_fit_end=cfg.sampling.at_fit_end,
+    )
+    metrics = MetricsLog(run.run_dir / "metrics.jsonl", interval=cfg.logging.metrics_interval,
+                         peak_flops=cfg.logging.peak_flops)
+    guard = NonFiniteLossGuard(cfg.train.nonfinite_loss, cfg.train.max_skipped_batches)
+    callbacks = [c for c in (TrainStep(), guard, ema, export, grid, metrics) if c is not None]
+    callbacks += _evaluation_callbacks(cfg, meta, ema, dataset, decode, run.run_dir)
+    if cfg.logging.sample_ledger:
+        from tread_scale.trainer.callbacks.sample_ledger import SampleLedger
+
+        callbacks.append(SampleLedger(run.run_dir / "ledger"))
+    callbacks.append(Preemption(cfg.train.preemption_flag, grace=cfg.train.preemption_grace))
+    return RunCallbacks(callbacks, ema, export, grid)
+
+
+def _evaluation_callbacks(cfg, meta: LatentMetadata, ema, dataset, decode, run_dir) -> list:
+    """In-training FID and validation loss, when ``evaluation.fid_every`` / ``val_every`` are set."""
+    from tread_scale.factory import build_dit, build_objective
+    from tread_scale.sampling import SamplerSettings
+    from tread_scale.trainer.callbacks.evaluation import FIDMonitor, ValidationLoss
+
+    ev, out = cfg.evaluation, []
+
+    def make_net():
+        return build_dit(cfg.model, cfg.routes, cfg.routing_seed)
+
+    if ev.fid_every:
+        sampler = SamplerSettings(cfg.objective.kind, ev.fid_steps, ev.fid_cfg_scale, cfg.objective.sigma_data)
+        out.append(FIDMonitor(make_net, ema, ev.inception, ev.reference, ev.fid_every, ev.fid_num_samples, sampler,
+                              meta.num_classes, decode, run_dir / "eval.jsonl", ev.fid_batch_size))
+    if ev.val_every:
+        levels = ev.val_levels or ([0.1, 0.5, 1.0, 2.0] if cfg.objective.kind == "edm" else [0.1, 0.3, 0.5, 0.7, 0.9])
+        out.append(ValidationLoss(dataset, make_net, ema, build_objective(cfg.objective), levels, ev.val_every,
+                                  ev.val_num_samples, run_dir / "eval.jsonl"))
+    return out
