@@ -62,7 +62,7 @@ def test_train_xl_runs_across_two_nodes(slurm, latent_dataset, tmp_path):
     assert (run / "checkpoints" / "ep0-ba4-rank0.pt").is_file() and (run / "ema" / "latest.safetensors").is_file()
     logs = run / "logs"
     texts = [p.read_text() for p in sorted(logs.glob("node-*.log")) + sorted(logs.glob("rank*.stderr.txt"))]
-    agreed = {int(m) for t in texts for m in re.findall(r"rank(\d) INFO tread_scale.trainer.builder: run [^:]+: ddp over 4 rank", t)}
+    agreed = {int(m) for t in texts for m in re.findall(r"rank(\d) INFO tread_scale.trainer.run: run [^:]+: ddp over 4 rank", t)}
     assert agreed == {0, 1, 2, 3}, "every rank must report a world of 4"
     assert sorted(p.name for p in logs.glob("node-*.log")) == [f"node-0-{job}.log", f"node-1-{job}.log"]
     assert "AWS_SECRET_ACCESS_KEY" not in out
