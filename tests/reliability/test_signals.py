@@ -143,3 +143,18 @@ def test_config_rejects_nonpositive_bounds(tmp_path):
         cfg[section] = {**cfg[section], key: 0}
         with pytest.raises(ConfigError, match=f"{section}.{key}=0"):
             config_from_dict(cfg)
+
+
+def test_watchdog_works_with_a_descriptor_above_1024(tmp_path):
+    """select() cannot watch fd >= 1024; a process with many open files must still hear SIGTERM."""
+    script = tmp_path / "many_fds.py"
+    script.write_text("import os, resource\n"
+                      "resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))\n"
+                      "held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]\n" + _STUCK)
+    proc = subprocess.Popen([sys.executable, str(script), "1"], env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "no batch end began the checkpoint" in err

@@ -70,6 +70,16 @@ class SignalWatchdog:
         self._thread = None
 
     def _run(self) -> None:
+        try:
+            self._listen()
+        except Exception:  # noqa: BLE001 - never die silently: the process would lose its SIGTERM bound
+            log.exception("the signal watchdog stopped; SIGTERM is no longer bounded in this process")
+
+    def _listen(self) -> None:
+        # poll, not select: select() cannot watch a descriptor >= 1024, and a training process (or a test
+        # session training in-process) can hold that many open files (seen in CI: the thread died)
+        poller = select.poll()
+        poller.register(self._read_fd, select.POLLIN)
         first: tuple[float, int] | None = None
         while not self._stop.is_set():
             wait = 0.5
@@ -79,7 +89,7 @@ class SignalWatchdog:
                     self._die(f"{signal.Signals(first[1]).name} received {self.grace:g} s ago and no batch end "
                               "began the checkpoint (a stuck data wait or collective)", first[1])
                 wait = min(wait, left)
-            if not select.select([self._read_fd], [], [], wait)[0]:
+            if not poller.poll(max(0, int(wait * 1000))):
                 continue
             for signum in os.read(self._read_fd, 64):
                 if signum not in self.signals:
