@@ -49,12 +49,12 @@ def build_trainer(cfg: RunConfig):
     from tread_scale.trainer.tread_algorithm import build_algorithms
 
     fix_node_signal_file_names()
-    facts = {}
-    run = start_run(cfg, lambda: facts.setdefault("meta", prepare_data_access(cfg)))
-    loader = build_dataloader(cfg, facts["meta"], run.batch)
+    meta = prepare_data_access(cfg)  # before any collective, so a bad dataset fails fast on every rank
+    run = start_run(cfg)
+    loader = build_dataloader(cfg, meta, run.batch)
     model, optimizer = build_model(cfg, run.device)
     algorithms = build_algorithms(cfg)
-    callbacks = build_callbacks(cfg, run, facts["meta"], loader.dataset)
+    callbacks = build_callbacks(cfg, run, meta, loader.dataset)
     checkpointing = build_checkpointing(cfg, run.rank)
     backend = build_backend(cfg, run)
 

@@ -54,13 +54,12 @@ def per_rank_batch(cfg: RunConfig, world_size: int) -> int:
     return gbs // world_size
 
 
-def start_run(cfg: RunConfig, check_data_access) -> RunContext:
-    """Resolve devices, check data access (before any collective), join the process group, split the batch,
-    write the run folder's ``config.yaml`` (secrets redacted) and clear stale shared memory on this node.
+def start_run(cfg: RunConfig) -> RunContext:
+    """Resolve devices, join the process group, split the batch, write the run folder's ``config.yaml``
+    (secrets redacted) and clear stale shared memory on this node.
 
     Args:
         cfg: The validated config.
-        check_data_access: Called before joining the process group, so a bad dataset fails fast on every rank.
 
     Raises:
         ConfigError: For a device, precision or batch split that cannot work.
@@ -72,7 +71,6 @@ def start_run(cfg: RunConfig, check_data_access) -> RunContext:
 
     device = composer_device(resolve_device(cfg.train.device, setting="train.device"))
     precision = resolve_precision(cfg.train.precision, device)
-    check_data_access()
     dist.initialize_dist(get_device(device), timeout=300.0)
     world, rank = dist.get_world_size(), dist.get_global_rank()
     batch = per_rank_batch(cfg, world)

@@ -39,13 +39,16 @@ def build_callbacks(cfg, run, meta: LatentMetadata, dataset) -> RunCallbacks:
     from tread_scale.trainer.model import TrainStep
     from tread_scale.weights import WeightsMeta
 
+    def make_net():  # a fresh sampling network (EMA weights are copied into it)
+        return build_dit(cfg.model, cfg.routes, cfg.routing_seed)
+
     ema = EMA(cfg.ema.decay) if cfg.ema.enabled else None
     ckpt = cfg.checkpoint_folder()
     export = EMAExport(ema, run.run_dir / "ema", cfg.train.save_interval, WeightsMeta.from_run(cfg, meta),
                        remote_dir=s3.join_uri(ckpt, "ema") if s3.is_s3(ckpt) else None)
     decode = make_decoder(cfg.sampling.vae if meta.vae != "none" else None, meta.vae, setting="sampling.vae")
     grid = SampleGrid(
-        make_net=lambda: build_dit(cfg.model, cfg.routes, cfg.routing_seed),
+        make_net=make_net,
         ema=ema, out_dir=run.run_dir / "samples", interval=cfg.sampling.every,
         sampler=SamplerSettings(cfg.objective.kind, cfg.sampling.steps, cfg.sampling.cfg_scale,
                                 cfg.objective.sigma_data),
@@ -56,7 +59,7 @@ def build_callbacks(cfg, run, meta: LatentMetadata, dataset) -> RunCallbacks:
                          peak_flops=cfg.logging.peak_flops)
     guard = NonFiniteLossGuard(cfg.train.nonfinite_loss, cfg.train.max_skipped_batches)
     callbacks = [c for c in (TrainStep(), guard, ema, export, grid, metrics) if c is not None]
-    callbacks += _evaluation_callbacks(cfg, meta, ema, dataset, decode, run.run_dir)
+    callbacks += _evaluation_callbacks(cfg, meta, make_net, ema, dataset, decode, run.run_dir)
     if cfg.logging.sample_ledger:
         from tread_scale.trainer.callbacks.sample_ledger import SampleLedger
 
@@ -65,17 +68,13 @@ def build_callbacks(cfg, run, meta: LatentMetadata, dataset) -> RunCallbacks:
     return RunCallbacks(callbacks, ema, export, grid)
 
 
-def _evaluation_callbacks(cfg, meta: LatentMetadata, ema, dataset, decode, run_dir) -> list:
+def _evaluation_callbacks(cfg, meta: LatentMetadata, make_net, ema, dataset, decode, run_dir) -> list:
     """In-training FID and validation loss, when ``evaluation.fid_every`` / ``val_every`` are set."""
-    from tread_scale.factory import build_dit, build_objective
+    from tread_scale.factory import build_objective
     from tread_scale.sampling import SamplerSettings
     from tread_scale.trainer.callbacks.evaluation import FIDMonitor, ValidationLoss
 
     ev, out = cfg.evaluation, []
-
-    def make_net():
-        return build_dit(cfg.model, cfg.routes, cfg.routing_seed)
-
     if ev.fid_every:
         sampler = SamplerSettings(cfg.objective.kind, ev.fid_steps, ev.fid_cfg_scale, cfg.objective.sigma_data)
         out.append(FIDMonitor(make_net, ema, ev.inception, ev.reference, ev.fid_every, ev.fid_num_samples, sampler,
