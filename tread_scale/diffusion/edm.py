@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from tread_scale.diffusion.conditioning import drop_condition
 from tread_scale.rng import BatchRandom
 
 
@@ -56,7 +58,7 @@ class EDM:
         c_skip, c_out, _, _ = self.preconditioning(sigma)
         return c_skip.view(-1, 1, 1, 1) * x_noisy + c_out.view(-1, 1, 1, 1) * raw.to(x_noisy.dtype)
 
-    def training_loss(self, net: nn.Module, x: torch.Tensor, labels: torch.Tensor, null_label: int,
+    def training_loss(self, net: nn.Module, x: torch.Tensor, labels: Any, null_label: Any,
                       generator: torch.Generator | None = None, sample_seeds: list[int] | None = None
                       ) -> torch.Tensor:
         """One stochastic EDM loss on a batch of clean latents.
@@ -64,8 +66,8 @@ class EDM:
         Args:
             net: Maps ``(c_in·x, c_noise, y)`` to F.
             x: ``(B, C, H, W)`` clean latents (float32).
-            labels: ``(B,)`` int labels.
-            null_label: Index that replaces dropped labels.
+            labels: ``(B,)`` int labels, or a condition object (text models).
+            null_label: Index that replaces dropped labels, or the batch-1 null condition (empty prompt).
             generator: Source of σ, noise and label dropout (the global RNG when ``None``).
             sample_seeds: One seed per sample instead (see :func:`tread_scale.rng.sample_seeds`).
 
@@ -91,13 +93,19 @@ class EDM:
         return (self.loss_weight(sigma).view(-1, 1, 1, 1) * (denoised - x) ** 2).flatten(1).mean(1)
 
 
-def drop_labels(labels: torch.Tensor, prob: float, null_label: int, rnd: BatchRandom | None = None) -> torch.Tensor:
-    """Replace each label by ``null_label`` with probability ``prob`` (draws from ``rnd``, else the global RNG)."""
+def drop_labels(labels: Any, prob: float, null_label: Any, rnd: BatchRandom | None = None) -> Any:
+    """Replace each sample's condition by the null one with probability ``prob`` (CFG training).
+
+    Args:
+        labels: ``(B,)`` labels, or a condition object (see :mod:`tread_scale.diffusion.conditioning`).
+        prob: Dropout probability.
+        null_label: The null label, or the batch-1 null condition (the empty prompt).
+        rnd: Source of the draws (the global RNG when ``None``).
+    """
     if prob <= 0:
         return labels
-    rnd = rnd or BatchRandom(labels.shape[0], labels.device)
-    drop = rnd.uniform() < prob
-    return torch.where(drop, torch.full_like(labels, null_label), labels)
+    rnd = rnd or BatchRandom(len(labels), labels.device if torch.is_tensor(labels) else getattr(labels, "device", "cpu"))
+    return drop_condition(labels, rnd.uniform() < prob, null_label)
 
 
 def edm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,

@@ -14,10 +14,12 @@ affine in F; rectified flow: the velocity).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from tread_scale.diffusion.conditioning import null_like
 from tread_scale.errors import ConfigError
 from tread_scale.rng import mix_seed
 from tread_scale.routing.routes import check_rate
@@ -72,12 +74,12 @@ class GuidedPredictor:
     Args:
         net: Network called as ``net(x, t, y, force_routing=..., rate_override=..., routing_seed=...)``.
         guidance: Settings.
-        null_label: Label index of the unconditional branch.
+        null_label: Label index of the unconditional branch, or the batch-1 null condition (empty prompt).
         seed: Base seed of the routing subsets drawn for TREAD guidance (one per call, shared by both
             branches), or one seed per sample so that results do not depend on how samples are batched.
     """
 
-    def __init__(self, net: nn.Module, guidance: Guidance, null_label: int, seed: int | list[int] = 0) -> None:
+    def __init__(self, net: nn.Module, guidance: Guidance, null_label: Any, seed: int | list[int] = 0) -> None:
         guidance.validate()
         if guidance.uses_tread and getattr(net, "router", None) is None:
             raise ConfigError("TREAD guidance needs a model with routes attached (the routes it was trained with); "
@@ -96,7 +98,7 @@ class GuidedPredictor:
             seed: int | list[int] = mix_seed(self.seed, self.calls)
         else:
             seed = [mix_seed(s, self.calls) for s in self.seed]
-        y_t = torch.full_like(y, self.null_label) if g.tread_drop_label else y
+        y_t = null_like(y, self.null_label) if g.tread_drop_label else y
         strong = self.net(x, t, y_t, force_routing=True, rate_override=g.strong_rate, routing_seed=seed)
         weak = self.net(x, t, y_t, force_routing=True, rate_override=g.weak_rate, routing_seed=seed)
         return weak + g.tread_scale * (strong - weak)
@@ -108,6 +110,6 @@ class GuidedPredictor:
             return self.net(x, t, y)
         out = self._conditional(x, t, y)
         if g.uses_cfg:
-            uncond = self.net(x, t, torch.full_like(y, self.null_label))
+            uncond = self.net(x, t, null_like(y, self.null_label))
             out = uncond + g.cfg_scale * (out - uncond)
         return out

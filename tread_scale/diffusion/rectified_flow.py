@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ class RectifiedFlow:
             return rnd.uniform()
         return torch.sigmoid(rnd.normal())
 
-    def training_loss(self, net: nn.Module, x: torch.Tensor, labels: torch.Tensor, null_label: int,
+    def training_loss(self, net: nn.Module, x: torch.Tensor, labels: Any, null_label: Any,
                       generator: torch.Generator | None = None, sample_seeds: list[int] | None = None
                       ) -> torch.Tensor:
         """Mean of ``(ε − x − v)²`` over every element.
