@@ -1,7 +1,8 @@
 """Diffusion Transformer (DiT) with adaLN conditioning and optional TREAD token routing.
 
 A plain ``torch.nn.Module``: no trainer imports. Routing is attached from outside
-(:meth:`DiT.attach_router`); without a router the network is the dense DiT of Peebles & Xie.
+(:meth:`DiT.attach_router`; the DiT is a :class:`~tread_scale.routing.protocol.Routable`); without a router
+the network is the dense DiT of Peebles & Xie.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tread_scale.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
+from tread_scale.routing.flops import block_flops as dit_block_flops
 from tread_scale.routing.tokens import gather_tokens, scatter_tokens
 
 if TYPE_CHECKING:
@@ -174,6 +176,15 @@ class DiT(nn.Module):
     @property
     def null_label(self) -> int:
         return self.num_classes
+
+    @property
+    def routable_tokens(self) -> int:
+        """Tokens TREAD may route: all N image tokens (:class:`~tread_scale.routing.protocol.Routable`)."""
+        return self.num_tokens
+
+    def block_flops(self, tokens: int, index: int = 0) -> float:
+        """Forward FLOPs of one block on one sample with ``tokens`` tokens (all blocks are alike)."""
+        return dit_block_flops(tokens, self.hidden_size, self.mlp_ratio)
 
     def initialize_weights(self, init: InitMode) -> None:
         """Re-initialise every weight per ``init`` (see the class docstring)."""

@@ -1,10 +1,14 @@
-"""Model FLOPs of a DiT per image, dense and under TREAD routes (block FLOPs from :mod:`tread_scale.routing.flops`)."""
+"""Model FLOPs per image of a DiT or MMDiT, dense and under TREAD routes.
+
+Block FLOPs come from :mod:`tread_scale.routing.flops`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tread_scale.models.mmdit import MMDiT
 from tread_scale.routing.flops import block_flops, tokens_per_block
 from tread_scale.routing.routes import resolve_routes
 
@@ -18,7 +22,7 @@ class Flops:
 
     blocks_dense: float
     blocks_routed: float
-    other: float  # patch embedding, timestep/label embedding, final layer
+    other: float  # patch embedding, timestep/label (or text) embeddings, final layer
 
     @property
     def dense(self) -> float:
@@ -37,8 +41,10 @@ class Flops:
         return 3 * self.routed
 
 
-def model_flops(net: DiT, routes) -> Flops:
-    """Forward FLOPs per image, dense and with ``routes``."""
+def model_flops(net: DiT | MMDiT, routes) -> Flops:
+    """Forward FLOPs per image, dense and with ``routes`` (an MMDiT is counted by :func:`mmdit_flops`)."""
+    if isinstance(net, MMDiT):
+        return mmdit_flops(net, routes)
     n, d, depth = net.num_tokens, net.hidden_size, net.depth
     tokens = tokens_per_block(resolve_routes(routes, depth), depth, n)
     p, c = net.patch_size, net.in_channels
@@ -47,4 +53,24 @@ def model_flops(net: DiT, routes) -> Flops:
     other += 2 * d * 2 * d + 2 * n * d * p * p * net.out_channels  # final adaLN and projection
     dense = depth * block_flops(n, d, net.mlp_ratio)
     routed = sum(block_flops(k, d, net.mlp_ratio) for k in tokens)
+    return Flops(dense, routed, other)
+
+
+def mmdit_flops(net: MMDiT, routes, text_len: int | None = None) -> Flops:
+    """Forward FLOPs per image of an MMDiT, dense and with ``routes`` (image tokens routed, text never).
+
+    Args:
+        net: The MMDiT.
+        routes: TREAD routes.
+        text_len: Padded text tokens per sample; defaults to ``net.text_len``.
+    """
+    lt = net.text_len if text_len is None else text_len
+    n, d, p = net.num_tokens, net.hidden_size, net.patch_size
+    other = 2 * n * net.in_channels * p * p * d  # patch embedding
+    other += 2 * lt * net.text_dim * d  # text token projection
+    other += 2 * (256 * d + d * d) + 2 * (net.pooled_dim * d + d * d)  # timestep and pooled-text MLPs
+    other += 2 * d * 2 * d + 2 * n * d * p * p * net.out_channels  # final adaLN and projection
+    tokens = tokens_per_block(resolve_routes(routes, net.depth), net.depth, n)
+    dense = sum(net.block_flops(n, i, text_len=lt) for i in range(net.depth))
+    routed = sum(net.block_flops(k, i, text_len=lt) for i, k in enumerate(tokens))
     return Flops(dense, routed, other)

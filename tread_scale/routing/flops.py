@@ -1,11 +1,15 @@
-"""Analytic FLOP accounting of DiT blocks with and without routing (spec §3.5)."""
+"""Analytic FLOP accounting of DiT and MMDiT blocks with and without routing (spec §3.5)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from tread_scale.routing.routes import ResolvedRoute
+from tread_scale.routing.routes import ResolvedRoute, Route, resolve_routes
 from tread_scale.routing.tokens import num_kept
+
+if TYPE_CHECKING:
+    from tread_scale.routing.protocol import Routable
 
 
 def block_flops(num_tokens: int, hidden: int, mlp_ratio: float = 4.0) -> float:
@@ -16,6 +20,34 @@ def block_flops(num_tokens: int, hidden: int, mlp_ratio: float = 4.0) -> float:
     """
     n, d = num_tokens, hidden
     return (8 + 4 * mlp_ratio) * n * d * d + 4 * n * n * d + 12 * d * d
+
+
+def mmdit_block_flops(text_tokens: int, image_tokens: int, hidden: int, mlp_ratio: float = 4.0, *,
+                      text_output: bool = True) -> float:
+    """Forward FLOPs of one MMDiT (joint-attention) block on one sample.
+
+    Each modality has its own linear layers, so they cost ``(8 + 4·ratio)·T·D²`` for its T tokens and
+    ``12·D²`` for its adaLN modulation, as in a DiT block. Joint attention over the ``S = L + K`` text and
+    image tokens costs ``4·S²·D``; padded text tokens are computed (and masked), so L is the padded length.
+    Without a text output (the last block), the text stream only supplies keys and values
+    (``4·L·D²``, modulation ``4·D²``) and only the K image tokens query: attention ``4·K·S·D``.
+
+    Args:
+        text_tokens: L, text tokens (never routed).
+        image_tokens: K, image tokens that go through the block.
+        hidden: Width D.
+        mlp_ratio: MLP width multiple.
+        text_output: Whether the block updates the text tokens.
+    """
+    lt, k, d = text_tokens, image_tokens, hidden
+    linear = (8 + 4 * mlp_ratio) * k * d * d + 12 * d * d
+    if text_output:
+        linear += (8 + 4 * mlp_ratio) * lt * d * d + 12 * d * d
+        attention = 4 * (lt + k) ** 2 * d
+    else:
+        linear += 4 * lt * d * d + 4 * d * d
+        attention = 4 * k * (lt + k) * d
+    return linear + attention
 
 
 def tokens_per_block(routes: Sequence[ResolvedRoute], depth: int, num_tokens: int) -> list[int]:
@@ -34,3 +66,26 @@ def routed_block_fraction(
     dense = block_flops(num_tokens, hidden, mlp_ratio)
     tokens = tokens_per_block(routes, depth, num_tokens)
     return sum(block_flops(n, hidden, mlp_ratio) for n in tokens) / (depth * dense)
+
+
+def routed_block_flops(net: Routable, routes: Sequence[Route | ResolvedRoute | Mapping]) -> tuple[float, float]:
+    """Block FLOPs of one sample, dense and with ``routes``, of any :class:`~tread_scale.routing.protocol.Routable`.
+
+    Args:
+        net: The model (only its protocol members are used).
+        routes: Routes, resolved against ``net.depth`` here.
+
+    Returns:
+        ``(dense, routed)`` forward FLOPs summed over the blocks.
+    """
+    depth, n = net.depth, net.routable_tokens
+    tokens = tokens_per_block(resolve_routes(routes, depth), depth, n)
+    dense = sum(net.block_flops(n, i) for i in range(depth))
+    routed = sum(net.block_flops(k, i) for i, k in enumerate(tokens))
+    return dense, routed
+
+
+def routed_flops_fraction(net: Routable, routes: Sequence[Route | ResolvedRoute | Mapping]) -> float:
+    """Block FLOPs with ``routes`` as a fraction of the dense blocks' FLOPs, for any Routable model."""
+    dense, routed = routed_block_flops(net, routes)
+    return routed / dense

@@ -1,4 +1,4 @@
-"""``TREADRouting``: the Composer Algorithm that applies TREAD token routing to a DiT."""
+"""``TREADRouting``: the Composer Algorithm that applies TREAD token routing to any Routable model (DiT, MMDiT)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from composer.utils import dist
-from torch import nn
 
-from tread_scale.routing.flops import routed_block_fraction
+from tread_scale.routing.flops import routed_flops_fraction
+from tread_scale.routing.protocol import Routable
 from tread_scale.routing.router import TokenRouter
 from tread_scale.routing.routes import Route, resolve_routes
 from tread_scale.trainer.model import dit_of
@@ -20,9 +20,12 @@ log = logging.getLogger(__name__)
 
 
 class TREADRouting(Algorithm):
-    """Attach TREAD routing to the DiT at ``Event.INIT`` (before DDP/FSDP wrapping).
+    """Attach TREAD routing to the network at ``Event.INIT`` (before DDP/FSDP wrapping).
 
-    Routing is on for training batches and off in eval mode (the DiT routes only when ``self.training``).
+    The network (``model.net``, or the model itself) is used only through the
+    :class:`~tread_scale.routing.protocol.Routable` protocol, so any model family that implements it can be
+    routed. Routing is on for training batches and off in eval mode (the network routes only when
+    ``self.training``).
     Each rank draws its own subsets from the stream ``(seed, rank)``; the stream's position is saved in
     checkpoints through :meth:`state_dict` and restored by :meth:`load_state_dict`.
 
@@ -31,7 +34,7 @@ class TREADRouting(Algorithm):
         seed: Base seed of the routing stream.
 
     Raises:
-        RuntimeError: At INIT, if the model has no block stack or already has a router (applied twice).
+        RuntimeError: At INIT, if the network is not Routable or already has a router (applied twice).
     """
 
     def __init__(self, routes: Sequence[Route], seed: int = 0) -> None:
@@ -48,11 +51,11 @@ class TREADRouting(Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         net = dit_of(state.model)
-        blocks = getattr(net, "blocks", None)
-        if not isinstance(blocks, nn.ModuleList) or not hasattr(net, "attach_router"):
-            raise RuntimeError(f"TREADRouting needs a model with a block stack (`blocks` ModuleList and "
-                               f"`attach_router`); got {type(net).__name__}")
-        if getattr(net, "router", None) is not None:
+        if not isinstance(net, Routable):
+            raise RuntimeError(f"TREADRouting needs a model with a block stack that implements the Routable protocol "
+                               f"(`depth`, `routable_tokens`, `router`, `attach_router`, `block_flops`); "
+                               f"got {type(net).__name__}")
+        if net.router is not None:
             raise RuntimeError("TREADRouting was applied twice: the model already has a router")
         router = TokenRouter(self.routes, seed=self.seed, rank=dist.get_global_rank())
         net.attach_router(router)
@@ -60,11 +63,11 @@ class TREADRouting(Algorithm):
         if self._pending is not None:
             router.load_routing_state(self._pending)
             self._pending = None
-        resolved = resolve_routes(self.routes, len(blocks))
-        fraction = routed_block_fraction(resolved, len(blocks), net.num_tokens, net.hidden_size, net.mlp_ratio)
+        resolved = resolve_routes(self.routes, net.depth)
+        fraction = routed_flops_fraction(net, resolved)
         if dist.get_global_rank() == 0:
-            log.info("TREAD routing: %s over %d blocks, %d tokens; block FLOPs %.3f of dense (%.2fx fewer)",
-                     ", ".join(f"{r.start}->{r.end} @ {r.rate}" for r in resolved), len(blocks), net.num_tokens,
+            log.info("TREAD routing: %s over %d blocks, %d routable tokens; block FLOPs %.3f of dense (%.2fx fewer)",
+                     ", ".join(f"{r.start}->{r.end} @ {r.rate}" for r in resolved), net.depth, net.routable_tokens,
                      fraction, 1 / fraction)
         logger.log_hyperparameters({
             "tread/routes": [{"rate": r.rate, "start": r.start, "end": r.end} for r in resolved],

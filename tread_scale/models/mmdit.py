@@ -1,0 +1,489 @@
+"""Multimodal Diffusion Transformer (MMDiT, the SD3 design) with optional TREAD routing of image tokens.
+
+Text and image tokens keep separate weights (adaLN modulation, qkv, optional QK-norm, output projection,
+MLP) and meet in one joint attention over ``[text; image]`` in every block. The adaLN condition is the
+timestep embedding plus an MLP of the pooled text embedding. Padded text tokens are masked out as
+attention keys; image tokens are always valid keys, so no query row is ever fully masked, even for an
+empty prompt whose text is all padding.
+
+Design choices (documented here because they differ between peers):
+
+* **Positions** (``pos_embed``): ``sincos`` (a fixed 2-D table added once after the patch embedding, as in
+  the DiT), ``learned`` (the same, trainable) or ``rope`` (2-D rotary embedding of the image queries and
+  keys, :mod:`tread_scale.models.rope`). Text tokens get **no** position signal from this model: the text
+  encoder's output is already contextual, and no rotation is the same as Flux's all-zero text position ids.
+* **Last block**: as in SD3, its text stream has no output. It only supplies keys and values (a ``kv``
+  projection, no query, output projection or MLP; shift/scale modulation only), and only image tokens query.
+  This removes weights that could not receive a gradient.
+* **QK-norm** (``qk_norm``): RMSNorm with a learned scale over each head's queries and keys, per modality
+  (SD3.5, Flux); it keeps attention logits bounded at scale.
+* **Null condition**: the unconditional (CFG) condition is stored with the weights as buffers, so training's
+  caption dropout and sampling's unconditional branch use the same one. It defaults to a prompt with no
+  valid token and a zero pooled vector; :meth:`MMDiT.set_null_condition` replaces it by the encoded empty
+  prompt (as SD3 does). ``null_label`` is an alias, so code written for the DiT's null label works.
+
+Routing (:class:`~tread_scale.routing.protocol.Routable`): only image tokens are routable. A route gathers the
+kept image tokens and their RoPE table rows (the same ids), runs its blocks with all text tokens and the kept
+image tokens in the joint attention, and scatters the image tokens back. With additive position
+embeddings, positions are part of the token features and travel with them.
+
+A plain ``torch.nn.Module``: no trainer imports.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from tread_scale.models.conditioning import TextCondition
+from tread_scale.models.dit import FinalLayer, InitMode, Mlp, modulate
+from tread_scale.models.embeddings import PatchEmbed, TimestepEmbedder, sincos_2d
+from tread_scale.models.rope import apply_rope, rope_angles, rope_table
+from tread_scale.routing.flops import mmdit_block_flops
+from tread_scale.routing.tokens import gather_tokens, scatter_tokens
+
+if TYPE_CHECKING:
+    from tread_scale.routing.router import TokenRouter
+
+log = logging.getLogger(__name__)
+
+PosEmbed = Literal["sincos", "learned", "rope"]
+
+
+class PooledEmbedder(nn.Module):
+    """Pooled text embedding ``(B, P)`` → ``(B, D)`` through ``Linear → SiLU → Linear``."""
+
+    def __init__(self, pooled_dim: int, hidden_size: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(pooled_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.mlp(pooled)
+
+
+class JointStream(nn.Module):
+    """One modality's weights in a joint block: modulation, qkv (+QK-norm), output projection and MLP.
+
+    Args:
+        dim: Token width D.
+        num_heads: Attention heads.
+        mlp_ratio: MLP width multiple.
+        qk_norm: RMSNorm over each head's queries and keys.
+        kv_only: The stream only supplies keys and values (text in the last block): a ``kv`` projection,
+            shift/scale modulation, no output projection or MLP.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool, kv_only: bool = False) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.kv_only = kv_only
+        head_dim = dim // num_heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (2 if kv_only else 6) * dim, bias=True))
+        if kv_only:
+            self.kv = nn.Linear(dim, 2 * dim, bias=True)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+            self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+            self.proj = nn.Linear(dim, dim, bias=True)
+            self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+
+    def pre_attention(
+        self, x: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Modulate and project ``(B, T, D)`` tokens to per-head ``(B, H, T, D/H)`` q (None if kv-only), k, v.
+
+        Returns:
+            ``(q, k, v, mods)`` with ``mods`` the post-attention modulation (gate, shift, scale, gate).
+        """
+        b, n, d = x.shape
+        if self.kv_only:
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+            mods: tuple[torch.Tensor, ...] = ()
+        else:
+            shift, scale, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+            mods = (gate_msa, shift_mlp, scale_mlp, gate_mlp)
+        h = modulate(self.norm1(x), shift, scale)
+        if self.kv_only:
+            k, v = self.kv(h).reshape(b, n, 2, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+            return None, self.k_norm(k), v, mods
+        q, k, v = self.qkv(h).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        return self.q_norm(q), self.k_norm(k), v, mods
+
+    def post_attention(self, x: torch.Tensor, attn: torch.Tensor, mods: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Gated residual of the attention output ``(B, T, D)`` and of the MLP."""
+        gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        x = x + gate_msa.unsqueeze(1) * self.proj(attn)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class MMDiTBlock(nn.Module):
+    """Joint-attention block with separate text and image weights (SD3's MMDiT block).
+
+    Args:
+        dim: Token width D.
+        num_heads: Attention heads.
+        mlp_ratio: MLP width multiple.
+        qk_norm: RMSNorm on queries and keys.
+        text_output: Whether the block updates the text tokens (False for the last block).
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True,
+                 text_output: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+        self.img = JointStream(dim, num_heads, mlp_ratio, qk_norm)
+        self.txt = JointStream(dim, num_heads, mlp_ratio, qk_norm, kv_only=not text_output)
+
+    @property
+    def text_output(self) -> bool:
+        return not self.txt.kv_only
+
+    def forward(
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        c: torch.Tensor,
+        rope: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One block on ``K`` image and ``L`` text tokens.
+
+        Args:
+            img: ``(B, K, D)`` image tokens.
+            txt: ``(B, L, D)`` text tokens.
+            c: ``(B, D)`` adaLN condition.
+            rope: ``(B or 1, K, head_dim)`` RoPE table of the image tokens, or None.
+            mask: ``(B, 1, 1, L + K)`` bool key mask (True = attend) over ``[text; image]``, or None.
+
+        Returns:
+            ``(img, txt)``; ``txt`` is None when the block has no text output.
+        """
+        b, k_img, d = img.shape
+        n_txt = txt.shape[1]
+        qi, ki, vi, mods_i = self.img.pre_attention(img, c)
+        qt, kt, vt, mods_t = self.txt.pre_attention(txt, c)
+        if rope is not None:
+            qi, ki = apply_rope(qi, rope), apply_rope(ki, rope)
+        k = torch.cat([kt, ki], dim=2)
+        v = torch.cat([vt, vi], dim=2)
+        q = qi if qt is None else torch.cat([qt, qi], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(b, q.shape[2], d)
+        img = self.img.post_attention(img, out[:, -k_img:], mods_i)
+        if qt is None:
+            return img, None
+        return img, self.txt.post_attention(txt, out[:, :n_txt], mods_t)
+
+
+def _resize_null_condition(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Before loading a state dict, give the null-condition buffers the stored text length."""
+    for name in ("null_emb", "null_mask"):
+        stored = state_dict.get(prefix + name)
+        if stored is not None and stored.shape != getattr(module, name).shape:
+            current = getattr(module, name)
+            setattr(module, name, torch.empty(stored.shape, dtype=current.dtype, device=current.device))
+
+
+class MMDiT(nn.Module):
+    """Text-conditioned multimodal Diffusion Transformer over latents of any channel count and resolution.
+
+    Maps a noisy latent ``x`` (B, C, H, W), a noise level ``t`` (B,) and a :class:`TextCondition` to a
+    prediction shaped like ``x``. Implements :class:`~tread_scale.routing.protocol.Routable` with the image
+    tokens as the routable tokens.
+
+    Args:
+        input_size: Latent side H (= W), or ``(H, W)``.
+        patch_size: Patch side p; must divide H and W.
+        in_channels: Latent channels C.
+        hidden_size: Token width D.
+        depth: Number of joint blocks.
+        num_heads: Attention heads.
+        mlp_ratio: MLP width multiple.
+        text_dim: Width of the per-token text embeddings (4096: T5-XXL).
+        pooled_dim: Width of the pooled text embedding (2048: CLIP-L + CLIP-G pooled, concatenated).
+        out_channels: Output channels; defaults to ``in_channels``.
+        pos_embed: ``sincos``, ``learned`` or ``rope`` (see the module docstring).
+        qk_norm: RMSNorm on each head's queries and keys.
+        rope_theta: RoPE frequency base.
+        text_len: Padded text length assumed by FLOP accounting (:meth:`block_flops`); the forward pass
+            accepts any length.
+        init: ``adaln_zero`` (zeroed modulation and output layer) or ``xavier_all`` (xavier everywhere, as the
+            TREAD reference does for the DiT).
+
+    Raises:
+        ValueError: If the patch does not divide the latent, the width does not fit the heads, RoPE is asked
+            for with a head dimension not divisible by 4, or an option is unknown.
+    """
+
+    def __init__(
+        self,
+        *,
+        input_size: int | tuple[int, int] = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1536,
+        depth: int = 24,
+        num_heads: int = 24,
+        mlp_ratio: float = 4.0,
+        text_dim: int = 4096,
+        pooled_dim: int = 2048,
+        out_channels: int | None = None,
+        pos_embed: PosEmbed = "rope",
+        qk_norm: bool = True,
+        rope_theta: float = 10000.0,
+        text_len: int = 256,
+        init: InitMode = "adaln_zero",
+    ) -> None:
+        super().__init__()
+        h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        if h % patch_size or w % patch_size:
+            raise ValueError(f"patch_size {patch_size} does not divide the latent size {h}x{w}")
+        if init not in ("adaln_zero", "xavier_all"):
+            raise ValueError(f"init must be 'adaln_zero' or 'xavier_all', got {init!r}")
+        if pos_embed not in ("sincos", "learned", "rope"):
+            raise ValueError(f"pos_embed must be 'sincos', 'learned' or 'rope', got {pos_embed!r}")
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1, got {depth}")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if pos_embed == "rope" and (hidden_size // num_heads) % 4:
+            raise ValueError(f"pos_embed='rope' needs a head dimension divisible by 4, got {hidden_size // num_heads}")
+        self.input_size = (h, w)
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = out_channels or in_channels
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.text_dim = text_dim
+        self.pooled_dim = pooled_dim
+        self.pos_embed_type = pos_embed
+        self.qk_norm = qk_norm
+        self.rope_theta = rope_theta
+        self.text_len = text_len
+        self.grid = (h // patch_size, w // patch_size)
+        self.num_tokens = self.grid[0] * self.grid[1]
+        self.grad_checkpointing = False
+
+        self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.pooled_embedder = PooledEmbedder(pooled_dim, hidden_size)
+        self.context_embedder = nn.Linear(text_dim, hidden_size, bias=True)
+        if pos_embed == "sincos":
+            self.register_buffer("pos_embed", sincos_2d(hidden_size, *self.grid).unsqueeze(0), persistent=True)
+        elif pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, hidden_size))
+        else:
+            self.pos_embed = None
+        self.blocks = nn.ModuleList(
+            MMDiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, text_output=i < depth - 1) for i in range(depth)
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.register_buffer("null_emb", torch.zeros(1, 1, text_dim))
+        self.register_buffer("null_mask", torch.zeros(1, 1, dtype=torch.bool))
+        self.register_buffer("null_pooled", torch.zeros(1, pooled_dim))
+        self.register_load_state_dict_pre_hook(_resize_null_condition)
+        self.router: TokenRouter | None = None
+        self.initialize_weights(init)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def null_condition(self) -> TextCondition:
+        """The batch-1 unconditional condition (the empty prompt) used for caption dropout and CFG."""
+        return TextCondition(self.null_emb, self.null_mask, self.null_pooled)
+
+    @property
+    def null_label(self) -> TextCondition:
+        """Alias of :attr:`null_condition`, named like the DiT's null label."""
+        return self.null_condition
+
+    def set_null_condition(self, cond: TextCondition) -> None:
+        """Store ``cond`` (batch 1, e.g. the encoded empty prompt) as the null condition.
+
+        Raises:
+            ValueError: If ``cond`` is not a batch of one or its widths do not match the model.
+        """
+        if len(cond) != 1 or cond.emb.shape[-1] != self.text_dim or cond.pooled.shape[-1] != self.pooled_dim:
+            raise ValueError(f"the null condition must be a batch of one with text width {self.text_dim} and pooled "
+                             f"width {self.pooled_dim}; got emb {tuple(cond.emb.shape)}, pooled "
+                             f"{tuple(cond.pooled.shape)}")
+        device = self.null_emb.device
+        self.null_emb = cond.emb.detach().to(device, torch.float32).clone()
+        self.null_mask = cond.mask.detach().to(device).clone()
+        self.null_pooled = cond.pooled.detach().to(device, torch.float32).clone()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def routable_tokens(self) -> int:
+        """Image tokens per sample: the tokens TREAD may route (text tokens never are)."""
+        return self.num_tokens
+
+    def block_flops(self, tokens: int, index: int, text_len: int | None = None) -> float:
+        """Forward FLOPs of block ``index`` on one sample with ``tokens`` image and ``text_len`` text tokens
+        (default: the ``text_len`` given at construction)."""
+        return mmdit_block_flops(self.text_len if text_len is None else text_len, tokens, self.hidden_size,
+                                 self.mlp_ratio, text_output=self.blocks[index].text_output)
+
+    def initialize_weights(self, init: InitMode) -> None:
+        """Re-initialise every weight per ``init``: xavier-uniform linears with zero biases, N(0, 0.02) for the
+        timestep MLP and a learned position table, and (``adaln_zero``) zeroed modulation and output layers."""
+
+        def _basic(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.RMSNorm):
+                module.reset_parameters()
+
+        self.apply(_basic)
+        conv = self.x_embedder.proj
+        nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
+        nn.init.zeros_(conv.bias)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.normal_(self.pos_embed, std=0.02)
+        if init == "adaln_zero":
+            zeroed = [s.adaLN_modulation[-1] for b in self.blocks for s in (b.img, b.txt)]
+            zeroed += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+            for lin in zeroed:
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+
+    def attach_router(self, router: TokenRouter) -> None:
+        """Attach a TREAD router; it decides per call which image tokens skip which blocks.
+
+        Raises:
+            RuntimeError: If a router is already attached.
+        """
+        if self.router is not None:
+            raise RuntimeError("this MMDiT already has a TREAD router attached; routing cannot be applied twice")
+        router.check_depth(self.depth)
+        self.router = router
+
+    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
+        """FSDP wrap units: each block, each embedder and the final layer (read by Composer's FSDP2 policy)."""
+        return (isinstance(module, (MMDiTBlock, PatchEmbed, TimestepEmbedder, PooledEmbedder, FinalLayer))
+                or module is self.context_embedder)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, N, p·p·C)`` tokens → ``(B, C, H, W)``."""
+        b = x.shape[0]
+        p, c = self.patch_size, self.out_channels
+        gh, gw = self.grid
+        x = x.reshape(b, gh, gw, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(b, c, gh * p, gw * p)
+
+    def embed(
+        self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image tokens ``(B, N, D)`` (with additive positions), text tokens ``(B, L, D)`` and condition ``(B, D)``."""
+        img = self.x_embedder(x)
+        if self.pos_embed is not None:
+            img = img + self.pos_embed
+        txt = self.context_embedder(cond.emb.to(img.dtype))
+        c = self.t_embedder(t) + self.pooled_embedder(cond.pooled.to(img.dtype))
+        return img, txt, c
+
+    def rope_table(self, device: torch.device | str | None = None) -> torch.Tensor | None:
+        """``(1, N, head_dim)`` float32 RoPE table of the image tokens (None unless ``pos_embed='rope'``)."""
+        if self.pos_embed_type != "rope":
+            return None
+        return rope_table(rope_angles(self.head_dim, *self.grid, theta=self.rope_theta, device=device)).unsqueeze(0)
+
+    @staticmethod
+    def joint_mask(text_mask: torch.Tensor | None, image_tokens: int) -> torch.Tensor | None:
+        """``(B, 1, 1, L + K)`` attention key mask over ``[text; image]``: padded text False, images True."""
+        if text_mask is None:
+            return None
+        image = text_mask.new_ones(text_mask.shape[0], image_tokens)
+        return torch.cat([text_mask, image], dim=1)[:, None, None, :]
+
+    def _check_inputs(self, x: torch.Tensor, cond: TextCondition) -> None:
+        if x.shape[1:] != (self.in_channels, *self.input_size):
+            raise ValueError(
+                f"MMDiT expects latents of shape (B, {self.in_channels}, {self.input_size[0]}, {self.input_size[1]}),"
+                f" got {tuple(x.shape)}"
+            )
+        if not isinstance(cond, TextCondition):
+            raise TypeError(f"MMDiT is conditioned on a TextCondition, got {type(cond).__name__}")
+        if cond.emb.shape[-1] != self.text_dim or cond.pooled.shape[-1] != self.pooled_dim:
+            raise ValueError(f"MMDiT expects text embeddings of width {self.text_dim} and pooled embeddings of width "
+                             f"{self.pooled_dim}, got {cond.emb.shape[-1]} and {cond.pooled.shape[-1]}")
+        if len(cond) != x.shape[0]:
+            raise ValueError(f"the text condition has batch {len(cond)} but the latents have batch {x.shape[0]}")
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: TextCondition,
+        *,
+        force_routing: bool = False,
+        rate_override: float | None = None,
+        routing_seed: int | list[int] | None = None,
+    ) -> torch.Tensor:
+        """Predict from a noisy latent.
+
+        Args:
+            x: ``(B, C, H, W)`` network input.
+            t: ``(B,)`` or scalar noise-level input of the timestep embedder.
+            cond: The text condition of batch B (use ``cond.expand(B)`` for a batch-1 condition).
+            force_routing: Route even in eval mode (TREAD guidance).
+            rate_override: Replace every route's rate (inference only).
+            routing_seed: Draw the routed subsets from this seed (or one seed per sample) instead of the
+                router's stream.
+
+        Returns:
+            ``(B, out_channels, H, W)`` prediction.
+        """
+        self._check_inputs(x, cond)
+        b = x.shape[0]
+        if t.ndim == 0:
+            t = t.expand(b)
+        img, txt, c = self.embed(x, t, cond)
+        rope = self.rope_table(img.device)
+        if rope is not None:
+            rope = rope.expand(b, -1, -1)
+        # One host sync per call: an all-valid batch passes no mask, so SDPA may use its flash kernel.
+        text_mask = None if bool(cond.mask.all()) else cond.mask.to(img.device)
+        mask = self.joint_mask(text_mask, self.num_tokens)
+
+        schedule = {}
+        if self.router is not None:
+            schedule = self.router.schedule(
+                b, self.routable_tokens, img.device,
+                training=self.training, force=force_routing, rate_override=rate_override, seed=routing_seed,
+            )
+        saved, ids, end = None, None, -1
+        for i, block in enumerate(self.blocks):
+            if i in schedule:
+                end, ids = schedule[i]
+                saved = (img, rope, mask)
+                img = gather_tokens(img, ids)
+                rope = gather_tokens(rope, ids) if rope is not None else None
+                mask = self.joint_mask(text_mask, ids.shape[1])
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                img, txt = checkpoint(block, img, txt, c, rope, mask, use_reentrant=False)
+            else:
+                img, txt = block(img, txt, c, rope, mask)
+            if i == end:
+                img = scatter_tokens(saved[0], ids, img)
+                rope, mask = saved[1], saved[2]
+                saved, ids, end = None, None, -1
+        return self.unpatchify(self.final_layer(img, c))
