@@ -1,11 +1,12 @@
-"""``tread-scale convert {demo,npy,images}``: write MDS shards of latents (local folder or ``s3://``)."""
+"""``tread-scale convert {demo,npy,images,captions}``: write MDS shards of latents (local folder or ``s3://``)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
-from tread_scale.data.demo import DEMO_NUM_CLASSES, DEMO_NUM_SAMPLES, DEMO_RESOLUTION
+from tread_scale.data.demo import (DEMO_CAPTION_MAX_LENGTH, DEMO_CAPTION_RESOLUTION, DEMO_NUM_CLASSES,
+                                   DEMO_NUM_SAMPLES, DEMO_RESOLUTION)
 
 NAME = "convert"
 log = logging.getLogger(__name__)
@@ -22,17 +23,37 @@ def _common(q: argparse.ArgumentParser) -> None:
     q.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def _text_encoders(q: argparse.ArgumentParser, max_length: int | None) -> None:
+    q.add_argument("--t5", help="local T5 encoder folder (T5EncoderModel + tokenizer, save_pretrained layout)")
+    q.add_argument("--clip", help="local CLIP text encoder folder (CLIPTextModel[WithProjection] + tokenizer)")
+    q.add_argument("--max-length", type=int, default=max_length,
+                   help="tokens per encoder (default 77; CLIP takes at most its positions); longer captions are "
+                        "truncated and counted. For .npz with --t5/--clip: the limit they were made with")
+    q.add_argument("--encoder-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype of the text encoders (default float32; embeddings are stored float16)")
+    q.add_argument("--max-caption-bytes", type=int, default=1024,
+                   help="longest caption string stored, in UTF-8 bytes (default 1024; longer ones are cut)")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``convert`` and its three sources."""
+    """Register ``convert`` and its four sources."""
     p = sub.add_parser(NAME, help="write MDS shards of latents (local folder or s3://bucket/prefix)")
     srcs = p.add_subparsers(dest="source", required=True)
 
     demo = srcs.add_parser("demo", help="the built-in procedural shapes dataset (pixel space; fits yamls/demo.yaml)")
     demo.add_argument("--num-samples", type=int, default=DEMO_NUM_SAMPLES)
-    demo.add_argument("--resolution", type=int, default=DEMO_RESOLUTION,
-                      help=f"image side (default {DEMO_RESOLUTION}: yamls/demo.yaml's model.input_size)")
+    demo.add_argument("--resolution", type=int, default=None,
+                      help=f"image side (default {DEMO_RESOLUTION}: yamls/demo.yaml's model.input_size; "
+                           f"{DEMO_CAPTION_RESOLUTION} with --captions)")
     demo.add_argument("--num-classes", type=int, default=DEMO_NUM_CLASSES)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--captions", action="store_true",
+                      help="the captioned demo: colour, shape and position named by each caption, with text "
+                           "embeddings from tiny local encoders (built into --encoder-dir)")
+    demo.add_argument("--encoder-dir", default="data/demo-text-encoders",
+                      help="with --captions: folder of the tiny text encoders (built when missing; default "
+                           "data/demo-text-encoders)")
+    demo.add_argument("--encoders", default="t5", help="with --captions: t5, clip or t5,clip (default t5)")
     _common(demo)
 
     npy = srcs.add_parser("npy", help="a folder of .npy/.npz latents with labels")
@@ -48,7 +69,56 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     img.add_argument("--seed", type=int, default=0)
     img.add_argument("--device", default="cpu")
     _common(img)
+
+    cap = srcs.add_parser(
+        "captions", help="images with captions (sidecar .txt or a .jsonl/.csv manifest) or precomputed .npz, "
+                         "with text embeddings")
+    cap.add_argument("input", help="image folder (a <stem>.txt caption beside each image), a .jsonl/.csv manifest "
+                                   "(path, caption), or a folder of .npz files (latent, text_emb, text_mask[, "
+                                   "text_pooled, caption])")
+    cap.add_argument("--format", default="auto", choices=["auto", "images", "npz"],
+                     help="what input holds (default auto: a file is a manifest, a folder of images is sidecar, "
+                          "a folder of .npz files is precomputed)")
+    cap.add_argument("--vae", help="images: local AutoencoderKL folder (save_pretrained), or 'none' for pixels")
+    cap.add_argument("--resolution", type=int, default=256)
+    cap.add_argument("--batch-size", type=int, default=32, help="images and captions per forward (default 32)")
+    cap.add_argument("--seed", type=int, default=0)
+    cap.add_argument("--device", default="cpu")
+    _text_encoders(cap, None)
+    _common(cap)
     return p
+
+
+def _captions_source(args: argparse.Namespace):
+    """The captioned source ``args`` describe (raising :class:`ConfigError` for a wrong combination)."""
+    from pathlib import Path
+
+    from tread_scale.data.captions import CaptionFolderSource, CaptionNpzSource
+    from tread_scale.data.sources import IMAGE_SUFFIXES
+    from tread_scale.errors import ConfigError
+
+    fmt = args.format
+    path = Path(args.input)
+    if fmt == "auto":
+        if path.is_dir() and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")) \
+                and any(path.rglob("*.npz")):
+            fmt = "npz"
+        else:
+            fmt = "images"
+    if fmt == "npz":
+        if args.vae:
+            raise ConfigError(f"--vae is for images; {args.input} holds precomputed latents (.npz)")
+        return CaptionNpzSource(folder=args.input, t5=args.t5, clip=args.clip, max_length=args.max_length,
+                                device=args.device, encoder_dtype=args.encoder_dtype,
+                                max_caption_bytes=args.max_caption_bytes)
+    if not args.vae:
+        raise ConfigError("--vae is required for images (a local AutoencoderKL folder, or 'none' for pixels)")
+    if not (args.t5 or args.clip):
+        raise ConfigError("give a text encoder: --t5 FOLDER and/or --clip FOLDER (local save_pretrained folders)")
+    return CaptionFolderSource(input=args.input, resolution=args.resolution, vae=args.vae, t5=args.t5, clip=args.clip,
+                               max_length=args.max_length or 77, batch_size=args.batch_size, seed=args.seed,
+                               device=args.device, encoder_dtype=args.encoder_dtype,
+                               max_caption_bytes=args.max_caption_bytes)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,18 +126,34 @@ def run(args: argparse.Namespace) -> int:
     from tread_scale.data.convert import ConvertOptions, convert
     from tread_scale.data.sources import DemoSource, ImageFolderSource, NpyFolderSource
 
-    if args.source == "demo":
-        source = DemoSource(num_samples=args.num_samples, resolution=args.resolution, seed=args.seed,
-                            num_classes=args.num_classes)
+    opts = ConvertOptions(processes=args.processes, group_size=args.group_size, shard_size=args.shard_size,
+                          compression=args.compression, work_dir=args.work_dir, overwrite=args.overwrite,
+                          progress=not args.no_progress)
+    if args.source == "demo" and args.captions:
+        from tread_scale.data.captions import CaptionDemoSource
+        from tread_scale.data.demo import prepare_demo_encoders
+
+        folders = prepare_demo_encoders(args.encoder_dir, [k.strip() for k in args.encoders.split(",") if k.strip()])
+        source = CaptionDemoSource(num_samples=args.num_samples, resolution=args.resolution or DEMO_CAPTION_RESOLUTION,
+                                   seed=args.seed, t5=folders.get("t5"), clip=folders.get("clip"),
+                                   max_length=DEMO_CAPTION_MAX_LENGTH)
+    elif args.source == "demo":
+        source = DemoSource(num_samples=args.num_samples, resolution=args.resolution or DEMO_RESOLUTION,
+                            seed=args.seed, num_classes=args.num_classes)
+    elif args.source == "captions":
+        source = _captions_source(args)
     elif args.source == "npy":
         source = NpyFolderSource(folder=args.folder, num_classes=args.num_classes)
     else:
         source = ImageFolderSource(folder=args.folder, resolution=args.resolution, vae=args.vae,
                                    batch_size=args.batch_size, seed=args.seed, device=args.device)
-    opts = ConvertOptions(processes=args.processes, group_size=args.group_size, shard_size=args.shard_size,
-                          compression=args.compression, work_dir=args.work_dir, overwrite=args.overwrite,
-                          progress=not args.no_progress)
     meta = convert(source, args.out, opts)
     log.info("dataset at %s: %d samples of shape %s, %d classes", args.out, meta.num_samples,
              tuple(meta.latent_shape), meta.num_classes)
+    if meta.text is not None:
+        t = meta.text
+        log.info("text: %d tokens of width %d, pooled width %d, encoders %s; %d caption(s) truncated to %d tokens, "
+                 "%d caption string(s) cut to %d bytes", t.seq_len, t.emb_dim, t.pooled_dim,
+                 ", ".join(f"{e['kind']}={e['name']}" for e in t.encoders) or "none recorded", t.truncated,
+                 t.max_length, t.clipped, t.caption_bytes)
     return 0

@@ -3,7 +3,8 @@
 Layout of a converted dataset::
 
     <out>/index.json                 merged index over every group
-    <out>/tread_meta.json            the dataset's facts (shape, dtype, VAE, scaling factor, classes)
+    <out>/tread_meta.json            the dataset's facts (shape, dtype, VAE, scaling factor, classes, text)
+    <out>/text_empty.npz             captioned datasets: the empty prompt's embedding
     <out>/group_00000/shard.*.mds.zstd, index.json
     <out>/_tread_convert_done.json   written last; records the arguments' fingerprint
 
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from tread_scale.data import object_store as s3
-from tread_scale.data.metadata import META_FILE, LatentMetadata
+from tread_scale.data.metadata import EMPTY_PROMPT_FILE, META_FILE, LatentMetadata
 from tread_scale.data.sources import Plan, Source
 from tread_scale.errors import DatasetError
 
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 DONE_FILE = "_tread_convert_done.json"
 GROUP_DONE = ".group_done.json"
+GROUP_EMPTY_PROMPT = ".empty_prompt.npz"  # a captioned group's empty prompt (dot files stay in staging)
 INDEX_FILE = "index.json"
 
 
@@ -77,7 +79,12 @@ def fingerprint(source: Source, opts: ConvertOptions) -> str:
 
 def columns_for(plan: Plan, dtype: str) -> dict[str, str]:
     c, h, w = plan.latent_shape
-    return {"latent": f"ndarray:{dtype}:{c},{h},{w}", "label": "int", "id": "int"}
+    columns = {"latent": f"ndarray:{dtype}:{c},{h},{w}", "label": "int", "id": "int"}
+    if plan.text is not None:
+        from tread_scale.data.captions import text_columns
+
+        columns.update(text_columns(plan.text))
+    return columns
 
 
 def _write_group(source: Source, plan: Plan, pairs: list, group_dir: str, fp: str, opts: ConvertOptions,
@@ -89,14 +96,22 @@ def _write_group(source: Source, plan: Plan, pairs: list, group_dir: str, fp: st
     if gdir.exists():
         shutil.rmtree(gdir)  # an unfinished earlier attempt
     dtype = np.dtype(opts.dtype)
-    count, pending = 0, 0
+    count, pending, truncated, clipped = 0, 0, 0, 0
     label_counts: dict[int, int] = {}
+    if plan.text is not None:
+        from tread_scale.data.captions import text_row
     compression = None if opts.compression in ("none", "") else opts.compression
     with MDSWriter(out=str(gdir), columns=columns_for(plan, opts.dtype), compression=compression,
                    size_limit=opts.shard_size, hashes=["xxh64"], progress_bar=False) as writer:
         for sample in source.load(pairs, plan):
-            writer.write({"latent": np.ascontiguousarray(sample.latent.astype(dtype)), "label": int(sample.label),
-                          "id": int(sample.id)})
+            row = {"latent": np.ascontiguousarray(sample.latent.astype(dtype)), "label": int(sample.label),
+                   "id": int(sample.id)}
+            if plan.text is not None:
+                text, cut = text_row(sample, plan.text)
+                row.update(text)
+                truncated += bool(sample.text.get("truncated"))
+                clipped += cut
+            writer.write(row)
             count += 1
             pending += 1
             label_counts[sample.label] = label_counts.get(sample.label, 0) + 1
@@ -108,9 +123,40 @@ def _write_group(source: Source, plan: Plan, pairs: list, group_dir: str, fp: st
     skipped = len(pairs) - count
     if progress_queue is not None and skipped:
         progress_queue.put(skipped)
-    result = {"fingerprint": fp, "samples": count, "labels": {str(k): v for k, v in label_counts.items()}}
+    result = {"fingerprint": fp, "samples": count, "labels": {str(k): v for k, v in label_counts.items()},
+              "range": _range_of(pairs)}
+    if plan.text is not None:
+        np.savez(gdir / GROUP_EMPTY_PROMPT, **source.empty_prompt(plan))
+        result.update(truncated=truncated, clipped=clipped)
     (gdir / GROUP_DONE).write_text(json.dumps(result))
     return result
+
+
+def _range_of(pairs: list) -> list[int]:
+    """The plan indices ``[first, last + 1]`` of a group: a marker counts only for the same items."""
+    return [int(pairs[0][0]), int(pairs[-1][0]) + 1] if pairs else [0, 0]
+
+
+def _finish_text(staging: Path, first_group: str, plan: Plan, results: list[dict]):
+    """The dataset's ``text`` metadata: counts from the groups; the empty prompt copied beside the index."""
+    from dataclasses import replace
+
+    from tread_scale.data.metadata import empty_prompt_digest
+
+    with np.load(staging / first_group / GROUP_EMPTY_PROMPT) as z:
+        arrays = {k: z[k] for k in ("text_emb", "text_mask", "text_pooled")}
+    tmp = staging / (EMPTY_PROMPT_FILE + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(staging / EMPTY_PROMPT_FILE)
+    truncated = sum(r.get("truncated", 0) for r in results)
+    clipped = sum(r.get("clipped", 0) for r in results)
+    if truncated:
+        log.warning("%d caption(s) had more tokens than max_length=%d and were truncated", truncated,
+                    plan.text.max_length)
+    if clipped:
+        log.warning("%d caption string(s) were longer than %d bytes and are stored cut (their embeddings are whole)",
+                    clipped, plan.text.caption_bytes)
+    return replace(plan.text, empty_prompt_sha256=empty_prompt_digest(arrays), truncated=truncated, clipped=clipped)
 
 
 def merge_group_indexes(root: Path, groups: list[str]) -> int:
@@ -259,7 +305,8 @@ def convert(source: Source, out: str, opts: ConvertOptions | None = None) -> Lat
     if opts.overwrite:
         if remote:
             log.info("--overwrite: deleted %d object(s) under %s", s3.delete_prefix(out), out)
-        for p in [staging / DONE_FILE, staging / INDEX_FILE, staging / META_FILE, *staging.glob("group_*")]:
+        for p in [staging / DONE_FILE, staging / INDEX_FILE, staging / META_FILE, staging / EMPTY_PROMPT_FILE,
+                  *staging.glob("group_*")]:
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
@@ -268,7 +315,8 @@ def convert(source: Source, out: str, opts: ConvertOptions | None = None) -> Lat
         todo, done_count = [], 0
         for name, pairs in groups:
             marker = staging / name / GROUP_DONE
-            if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fp:
+            mark = json.loads(marker.read_text()) if marker.is_file() else {}
+            if mark.get("fingerprint") == fp and mark.get("range") == _range_of(pairs):
                 done_count += len(pairs)
             else:
                 todo.append((name, pairs))
@@ -282,15 +330,21 @@ def convert(source: Source, out: str, opts: ConvertOptions | None = None) -> Lat
         if num_samples == 0:
             raise DatasetError(f"no samples were written from {source.describe().get('folder', source.kind)}")
         num_shards = merge_group_indexes(staging, [name for name, _ in groups])
+        text = None if plan.text is None else _finish_text(staging, groups[0][0], plan, results)
         meta = LatentMetadata(latent_shape=plan.latent_shape, num_classes=plan.num_classes, num_samples=num_samples,
                               dtype=opts.dtype, vae=plan.vae, scaling_factor=plan.scaling_factor,
-                              class_names=plan.class_names, source=json.dumps(source.describe(), sort_keys=True))
+                              class_names=plan.class_names, source=json.dumps(source.describe(), sort_keys=True),
+                              text=text)
         (staging / META_FILE).write_text(meta.to_json())
         done = {"fingerprint": fp, "samples": num_samples, "shards": num_shards, "seconds": round(time.time() - t0, 2)}
+        top = [staging / INDEX_FILE, staging / META_FILE]
+        if text is not None:
+            done["text"] = {"truncated": text.truncated, "clipped": text.clipped}
+            top.append(staging / EMPTY_PROMPT_FILE)
         if remote:
-            shard_files = sorted(p for p in staging.glob("group_*/*") if p.is_file() and p.name != GROUP_DONE)
+            shard_files = sorted(p for p in staging.glob("group_*/*") if p.is_file() and not p.name.startswith("."))
             s3.upload_tree(staging, out, shard_files)
-            s3.upload_tree(staging, out, [staging / INDEX_FILE, staging / META_FILE])
+            s3.upload_tree(staging, out, top)
             (staging / DONE_FILE).write_text(json.dumps(done))
             s3.upload_tree(staging, out, [staging / DONE_FILE])
         else:

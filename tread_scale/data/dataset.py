@@ -8,6 +8,9 @@ against the model before training starts.
 Training reads it ``batched`` through :class:`BatchLoader`: a worker reads a whole batch per shard with one
 fancy index over a memory map (:mod:`tread_scale.data.records`); the batches, their order and resumption
 are exactly those of a ``DataLoader(batch_size=…, drop_last=True)`` over the same dataset (tested).
+
+Captioned datasets (``tread-scale convert captions``) read with ``text_shape`` set also carry ``text_emb``,
+``text_mask``, ``text_pooled`` and ``caption``; without ``text_shape`` every dataset reads as before.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from torch.utils.data import DataLoader
 
 from tread_scale.compat.streaming import PatchedStreamingDataset
 from tread_scale.data.metadata import parse_ndarray_encoding
-from tread_scale.data.records import finite_rows, shard_layout, shard_records
+from tread_scale.data.captions import decode_captions
+from tread_scale.data.records import TEXT_COLUMNS, finite_rows, shard_layout, shard_records
 from tread_scale.errors import DatasetError, DatasetMismatchError, ObjectStoreError
 
 log = logging.getLogger(__name__)
@@ -30,9 +34,17 @@ log = logging.getLogger(__name__)
 class LatentStreamingDataset(PatchedStreamingDataset):
     """Samples ``{"latent": (C, H, W) float16/32 tensor, "label": int64, "id": int64}`` from MDS shards.
 
+    With ``text_shape=(L, D, P)`` (a captioned dataset's ``meta.text.shape``) samples also hold
+    ``text_emb`` ``(L, D)`` float16, ``text_mask`` ``(L,)`` bool, ``text_pooled`` ``(P,)`` float16 and, when
+    ``captions``, ``caption`` (str); batches stack them to ``(B, L, D)``, ``(B, L)``, ``(B, P)`` and a list
+    of ``B`` strings.
+
     Args:
         latent_shape: Expected ``(C, H, W)``; the ``latent`` column must have exactly this static shape.
         num_classes: Labels must be in ``0..num_classes-1``; checked per sample.
+        text_shape: ``(seq_len, emb_dim, pooled_dim)`` of a captioned dataset's text columns, which must
+            have exactly these shapes; ``None`` reads latents and labels only (text columns are ignored).
+        captions: With ``text_shape``, also decode the caption strings (cheap: a fixed-width column).
         stall_timeout: Seconds any wait of the data path (a shard another process prepares, the next ready
             window) may last without progress before the read fails with :class:`DataStallError`, which
             names the shard, its state, the rank and the node; every thread's stack goes to stderr.
@@ -46,7 +58,8 @@ class LatentStreamingDataset(PatchedStreamingDataset):
     """
 
     def __init__(self, *, latent_shape: tuple[int, int, int], num_classes: int, batched: bool = False,
-                 stall_timeout: float = 300.0, **kwargs: Any) -> None:
+                 stall_timeout: float = 300.0, text_shape: tuple[int, int, int] | None = None, captions: bool = True,
+                 **kwargs: Any) -> None:
         import json
 
         where = kwargs.get("remote") or kwargs.get("local")
@@ -57,6 +70,9 @@ class LatentStreamingDataset(PatchedStreamingDataset):
                                "re-run the conversion (it resumes) or restore the file") from None
         self.latent_shape = tuple(latent_shape)
         self.num_classes = num_classes
+        self.text_shape = None if text_shape is None else tuple(int(x) for x in text_shape)
+        self.captions = bool(captions) and text_shape is not None
+        self._caption_width: int | None = None
         self._check_columns(where)
 
     def _check_columns(self, where: str) -> None:
@@ -77,6 +93,31 @@ class LatentStreamingDataset(PatchedStreamingDataset):
                 raise DatasetMismatchError(f"{where}: shard {basename} stores latents as {dtype}, not a float type")
             if encodings["label"] != "int":
                 raise DatasetMismatchError(f"{where}: shard {basename} stores labels as {encodings['label']}, not int")
+            if self.text_shape is not None:
+                self._check_text_columns(where, basename, names, encodings)
+
+    def _check_text_columns(self, where: str, basename: str, names: list[str], encodings: dict[str, str]) -> None:
+        seq, emb, pooled = self.text_shape
+        expected = {"text_emb": ("float16", (seq, emb)), "text_mask": ("uint8", (seq,)),
+                    "text_pooled": ("float16", (pooled,))}
+        for col, (dtype, shape) in expected.items():
+            if col not in encodings:
+                raise DatasetMismatchError(f"{where}: shard {basename} has no {col!r} column (columns: {names}); is it "
+                                           "a captioned dataset (tread-scale convert captions)?")
+            got = parse_ndarray_encoding(encodings[col])
+            if got != (dtype, shape):
+                raise DatasetMismatchError(f"{where}: shard {basename} stores {col} as {encodings[col]} but "
+                                           f"ndarray:{dtype}:{','.join(map(str, shape))} is expected (text_shape "
+                                           f"{self.text_shape} from the dataset's metadata)")
+        if self.captions:
+            dtype, shape = parse_ndarray_encoding(encodings.get("caption", "ndarray"))
+            if dtype != "uint8" or shape is None or len(shape) != 1:
+                raise DatasetMismatchError(f"{where}: shard {basename} has no fixed-width 'caption' column "
+                                           f"({encodings.get('caption')}); read it with captions=False")
+            if self._caption_width not in (None, shape[0]):
+                raise DatasetMismatchError(f"{where}: shard {basename} stores captions of {shape[0]} bytes, other "
+                                           f"shards of {self._caption_width}: the dataset mixes conversions")
+            self._caption_width = shape[0]
 
     def _remote_s3(self) -> str | None:
         remote = next((s.remote for s in self.streams if s.remote), None)
@@ -127,6 +168,10 @@ class LatentStreamingDataset(PatchedStreamingDataset):
         raw = {"latent": row["latent"], "label": int(row["label"])}
         if "id" in records.dtype.names:
             raw["id"] = int(row["id"])
+        if self.text_shape is not None:
+            for col in TEXT_COLUMNS:
+                if col in records.dtype.names:
+                    raw[col] = row[col]
         return raw
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
@@ -153,11 +198,18 @@ class LatentStreamingDataset(PatchedStreamingDataset):
         latent = raw["latent"]
         label = int(raw["label"])
         self._check([sample_id], np.array([label]), latent[None])
-        return {
+        sample = {
             "latent": torch.from_numpy(np.array(latent, copy=True)),
             "label": torch.tensor(label, dtype=torch.int64),
             "id": int(raw.get("id", sample_id)),
         }
+        if self.text_shape is not None:
+            sample["text_emb"] = torch.from_numpy(np.array(raw["text_emb"], dtype=np.float16))
+            sample["text_mask"] = torch.from_numpy(np.array(raw["text_mask"]).astype(bool))
+            sample["text_pooled"] = torch.from_numpy(np.array(raw["text_pooled"], dtype=np.float16))
+            if self.captions:
+                sample["caption"] = decode_captions(raw["caption"])[0]
+        return sample
 
     def get_batch(self, sample_ids: Sequence[int]) -> dict[str, Any]:
         """Samples as one collated batch (what :func:`collate_latents` makes of their :meth:`get_item`).
@@ -169,9 +221,11 @@ class LatentStreamingDataset(PatchedStreamingDataset):
         shards = self.shard_of(ids)
         rows = ids - self.sample_offset_per_shard[shards]
         latents, labels, out_ids = None, np.empty(len(ids), np.int64), ids.copy()
+        text = self._text_buffers(len(ids))
         for shard_id in np.unique(shards).tolist():
             records = self._records(shard_id)
-            if records is None or (latents is not None and records.dtype["latent"].base != latents.dtype):
+            if records is None or (latents is not None and records.dtype["latent"].base != latents.dtype) \
+                    or not all(col in records.dtype.names for col in text):
                 return collate_latents([self.get_item(int(i)) for i in ids])
             at = np.flatnonzero(shards == shard_id)
             picked = records[rows[at]]
@@ -181,10 +235,30 @@ class LatentStreamingDataset(PatchedStreamingDataset):
             labels[at] = picked["label"]
             if "id" in records.dtype.names:
                 out_ids[at] = picked["id"]
+            for col, buffer in text.items():
+                buffer[at] = picked[col]
         if latents is None:
             raise DatasetError("get_batch needs at least one sample id")
         self._check(ids, labels, latents)
-        return {"latent": torch.from_numpy(latents), "label": torch.from_numpy(labels), "id": out_ids.tolist()}
+        batch = {"latent": torch.from_numpy(latents), "label": torch.from_numpy(labels), "id": out_ids.tolist()}
+        if text:
+            batch["text_emb"] = torch.from_numpy(text["text_emb"])
+            batch["text_mask"] = torch.from_numpy(text["text_mask"].view(np.bool_))  # stored 0/1
+            batch["text_pooled"] = torch.from_numpy(text["text_pooled"])
+            if "caption" in text:
+                batch["caption"] = decode_captions(text["caption"])
+        return batch
+
+    def _text_buffers(self, n: int) -> dict[str, np.ndarray]:
+        """Empty arrays for a batch's text columns (none without ``text_shape``)."""
+        if self.text_shape is None:
+            return {}
+        seq, emb, pooled = self.text_shape
+        buffers = {"text_emb": np.empty((n, seq, emb), np.float16), "text_mask": np.empty((n, seq), np.uint8),
+                   "text_pooled": np.empty((n, pooled), np.float16)}
+        if self.captions:
+            buffers["caption"] = np.empty((n, self._caption_width), np.uint8)
+        return buffers
 
     def _check(self, ids: Sequence[int], labels: np.ndarray, latents: np.ndarray) -> None:
         """Raise for the first sample whose label is out of range or whose latent is not finite."""
@@ -226,9 +300,18 @@ def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def collate_latents(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack latents and labels; keep ids a Python list (they seed per-sample draws on the host, no sync)."""
-    return {
+    """Stack latents and labels; keep ids a Python list (they seed per-sample draws on the host, no sync).
+
+    Text fields, when the samples have them, are stacked too; captions stay a list of strings.
+    """
+    batch = {
         "latent": torch.stack([s["latent"] for s in samples]),
         "label": torch.stack([s["label"] for s in samples]),
         "id": [s["id"] for s in samples],
     }
+    for key in ("text_emb", "text_mask", "text_pooled"):
+        if key in samples[0]:
+            batch[key] = torch.stack([s[key] for s in samples])
+    if "caption" in samples[0]:
+        batch["caption"] = [s["caption"] for s in samples]
+    return batch

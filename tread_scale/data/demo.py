@@ -4,11 +4,23 @@ Each class is one upright shape in one colour on a dark background, with random 
 and colour jitter, so a sample grid shows at a glance whether a model learned the classes. (Rotation is
 left out on purpose: it would make the demo take longer to learn on a CPU.)
 Images are stored in pixel space (``vae: none``), scaled to ``[-1, 1]``.
+
+The *captioned* demo (:func:`demo_caption_image`, written by :func:`write_captioned_demo`) draws one or two
+shapes whose colour, kind and quadrant are free and named by the caption ("a red square at top left and a
+blue circle at bottom right"), so only the prompt decides the picture. Its captions use the small fixed
+vocabulary :data:`DEMO_CAPTION_VOCAB`, which a tiny local text encoder
+(:func:`~tread_scale.data.text_encoder.build_tiny_text_encoder`) tells apart word by word.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 #: (name, RGB colour) of each class, by label.
 DEMO_CLASSES: list[tuple[str, tuple[float, float, float]]] = [
@@ -78,3 +90,146 @@ def demo_image(index: int, resolution: int = 32, seed: int = 0, num_classes: int
     background = rng.uniform(0.0, 0.12)
     img = background + cover[None] * (rgb[:, None, None] - background)
     return (img * 2 - 1).astype(np.float32), label
+
+
+# --------------------------------------------------------------------------- captioned demo
+#: Colour words of the captioned demo and their RGB (the class demo's colours).
+DEMO_CAPTION_COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (0.95, 0.15, 0.15), "green": (0.15, 0.85, 0.2), "blue": (0.2, 0.35, 1.0),
+    "yellow": (0.95, 0.9, 0.1), "magenta": (0.95, 0.2, 0.9), "cyan": (0.1, 0.9, 0.95),
+}
+#: Shape words and the class demo's mask each draws with.
+DEMO_CAPTION_SHAPES: dict[str, str] = {
+    "circle": "red_disc", "square": "green_square", "triangle": "blue_triangle", "cross": "yellow_cross",
+    "ring": "magenta_ring", "diamond": "cyan_diamond",
+}
+#: Position phrases and their quadrant ``(column, row)``.
+DEMO_CAPTION_POSITIONS: dict[str, tuple[int, int]] = {
+    "top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1),
+}
+#: Every word a captioned-demo caption uses (the tiny encoders' vocabulary).
+DEMO_CAPTION_VOCAB: list[str] = ["a", "and", "at", "top", "bottom", "left", "right",
+                                 *DEMO_CAPTION_COLOURS, *DEMO_CAPTION_SHAPES]
+#: Defaults of the captioned demo: 3x32x32 pixels (a quadrant must hold a legible shape), captions of at
+#: most 14 words, so 16 tokens hold them with the encoders' special tokens.
+DEMO_CAPTION_RESOLUTION = 32
+DEMO_CAPTION_MAX_LENGTH = 16
+
+
+def _caption_layout(rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """``(colour, shape, position)`` of each drawn shape, in the order of :data:`DEMO_CAPTION_POSITIONS`."""
+    count = int(rng.integers(1, 3))
+    positions = sorted(rng.choice(len(DEMO_CAPTION_POSITIONS), size=count, replace=False).tolist())
+    colours, shapes, names = list(DEMO_CAPTION_COLOURS), list(DEMO_CAPTION_SHAPES), list(DEMO_CAPTION_POSITIONS)
+    return [(colours[int(rng.integers(len(colours)))], shapes[int(rng.integers(len(shapes)))], names[p])
+            for p in positions]
+
+
+def _caption_rng(index: int, seed: int) -> np.random.Generator:
+    return np.random.default_rng([seed, index, 7])  # a stream apart from the class demo's
+
+
+def demo_caption(index: int, seed: int = 0) -> str:
+    """The caption of captioned-demo sample ``index`` (without drawing it)."""
+    return " and ".join(f"a {c} {s} at {p}" for c, s, p in _caption_layout(_caption_rng(index, seed)))
+
+
+def demo_caption_image(index: int, resolution: int = DEMO_CAPTION_RESOLUTION, seed: int = 0) -> tuple[np.ndarray, str]:
+    """Draw captioned-demo sample ``index`` deterministically.
+
+    Args:
+        index: Sample index.
+        resolution: Image side in pixels (even).
+        seed: Dataset seed.
+
+    Returns:
+        ``(image, caption)`` with ``image`` float32 ``(3, R, R)`` in ``[-1, 1]``, e.g.
+        ``"a red square at top left and a blue circle at bottom right"``.
+    """
+    rng = _caption_rng(index, seed)
+    layout = _caption_layout(rng)
+    ss = 4
+    n = resolution * ss
+    coords = (np.arange(n) + 0.5) / ss
+    xx, yy = np.meshgrid(coords, coords, indexing="xy")
+    background = rng.uniform(0.0, 0.12)
+    img = np.full((3, resolution, resolution), background, np.float32)
+    quarter = resolution / 4
+    for colour, shape, position in layout:
+        col, row = DEMO_CAPTION_POSITIONS[position]
+        r = rng.uniform(0.15, 0.2) * resolution
+        slack = max(quarter - r, 0.0) * 0.8
+        cx = (2 * col + 1) * quarter + rng.uniform(-slack, slack)
+        cy = (2 * row + 1) * quarter + rng.uniform(-slack, slack)
+        mask = _mask(DEMO_CAPTION_SHAPES[shape], xx - cx, yy - cy, r, np.pi).astype(np.float32)
+        cover = mask.reshape(resolution, ss, resolution, ss).mean(axis=(1, 3))
+        rgb = np.clip(np.asarray(DEMO_CAPTION_COLOURS[colour]) + rng.normal(0, 0.05, size=3), 0, 1).astype(np.float32)
+        img = img + cover[None] * (rgb[:, None, None] - img)
+    caption = " and ".join(f"a {c} {s} at {p}" for c, s, p in layout)
+    return (img * 2 - 1).astype(np.float32), caption
+
+
+def prepare_demo_encoders(encoder_dir: str, encoders: Sequence[str] = ("t5",), seed: int = 0) -> dict[str, str]:
+    """The captioned demo's tiny text encoders in ``encoder_dir/<kind>``, built when missing.
+
+    They are deterministic in ``seed``: a rebuilt encoder has the same content hashes, so it matches
+    datasets written with an earlier build.
+
+    Returns:
+        ``{kind: folder}``, for :class:`~tread_scale.data.text_encoder.TextEncoder` and the converters.
+
+    Raises:
+        ConfigError: For an unknown kind.
+    """
+    from tread_scale.data.text_encoder import KINDS, build_tiny_text_encoder
+    from tread_scale.errors import ConfigError
+
+    if not encoders or any(k not in KINDS for k in encoders):
+        raise ConfigError(f"captioned demo encoders {list(encoders)}: choose from {list(KINDS)}")
+    folders = {}
+    for kind in encoders:
+        folder = Path(encoder_dir, kind)
+        if not all((folder / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json")):
+            log.info("building the tiny %s text encoder of the captioned demo at %s", kind, folder)
+            build_tiny_text_encoder(folder, kind, seed=seed)
+        folders[kind] = str(folder)
+    return folders
+
+
+def write_captioned_demo(out: str, encoder_dir: str, *, encoders: Sequence[str] = ("t5",),
+                         num_samples: int = DEMO_NUM_SAMPLES, resolution: int = DEMO_CAPTION_RESOLUTION, seed: int = 0,
+                         max_length: int = DEMO_CAPTION_MAX_LENGTH, encoder_seed: int = 0, processes: int = 1,
+                         shard_size: str = "64mb", work_dir: str | None = None, overwrite: bool = False,
+                         progress: bool = False):
+    """Write the captioned demo as MDS shards with text embeddings, at ``out`` (local folder or ``s3://``).
+
+    The tiny text encoders are built into ``encoder_dir/<kind>`` (kept when already there; they are
+    deterministic in ``encoder_seed``, so a rebuilt one has the same hashes) and recorded in the metadata:
+    give the same folders to sampling to encode prompts.
+
+    Args:
+        out: Destination.
+        encoder_dir: Local folder for the tiny encoders (``t5/`` and/or ``clip/`` inside).
+        encoders: Which to build and use: ``("t5",)``, ``("clip",)`` or both.
+        num_samples: Samples.
+        resolution: Image side.
+        seed: Dataset seed.
+        max_length: Tokens per encoder.
+        encoder_seed: Seed of the encoders' random weights.
+        processes: Worker processes.
+        shard_size: MDS shard size limit.
+        work_dir: Staging folder for ``s3://`` outputs.
+        overwrite: Replace an output holding another conversion.
+        progress: Show a progress bar.
+
+    Returns:
+        The dataset's :class:`~tread_scale.data.metadata.LatentMetadata` (with its ``text`` section).
+    """
+    from tread_scale.data.captions import CaptionDemoSource
+    from tread_scale.data.convert import ConvertOptions, convert
+
+    folders = prepare_demo_encoders(encoder_dir, encoders, encoder_seed)
+    source = CaptionDemoSource(num_samples=num_samples, resolution=resolution, seed=seed, t5=folders.get("t5"),
+                               clip=folders.get("clip"), max_length=max_length)
+    return convert(source, out, ConvertOptions(processes=processes, shard_size=shard_size, work_dir=work_dir,
+                                               overwrite=overwrite, progress=progress))

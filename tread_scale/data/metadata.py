@@ -2,15 +2,66 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import re
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from tread_scale.data.object_store import join_uri, read_bytes
-from tread_scale.errors import DatasetError, DatasetMismatchError
+from tread_scale.errors import ConfigError, DatasetError, DatasetMismatchError
 
 META_FILE = "tread_meta.json"
 FORMAT = "tread-latents/1"
+#: The empty prompt's embedding of a captioned dataset (for classifier-free guidance), beside index.json.
+EMPTY_PROMPT_FILE = "text_empty.npz"
+
+
+@dataclass
+class TextMetadata:
+    """The ``text`` section of a captioned dataset's metadata: how its captions were embedded.
+
+    Attributes:
+        encoders: One entry per encoder, in sequence order (CLIP first): ``kind`` (``t5``/``clip``),
+            ``name`` (folder name), ``model_class``, ``width``, ``pooled_width``, ``length`` (its tokens),
+            ``weights_sha256`` and ``tokenizer_sha256`` (content hashes of the folder's weight and
+            tokenizer files). Empty for precomputed embeddings converted without their encoders.
+        max_length: The token limit asked for at conversion.
+        seq_len: Tokens per sample, ``L`` (the sum of the encoders' lengths).
+        emb_dim: Token width, ``D``.
+        pooled_dim: Pooled width, ``P``.
+        pooled: Where the pooled embedding comes from: ``clip``, ``t5_mean`` (masked mean of the tokens),
+            ``stored`` (given with precomputed embeddings) or ``mean`` (their masked mean).
+        caption_bytes: Bytes of the fixed-width ``caption`` column (UTF-8, zero-padded).
+        dtype: Stored dtype of ``text_emb`` and ``text_pooled``.
+        empty_prompt: File of the empty prompt's embedding, beside ``index.json``.
+        empty_prompt_sha256: Hash of its arrays (:func:`empty_prompt_digest`).
+        truncated: Captions that had more tokens than an encoder's length (cut at conversion).
+        clipped: Captions longer than ``caption_bytes`` (the stored string is cut; embeddings are not).
+    """
+
+    encoders: list[dict]
+    max_length: int
+    seq_len: int
+    emb_dim: int
+    pooled_dim: int
+    pooled: str
+    caption_bytes: int
+    dtype: str = "float16"
+    empty_prompt: str = EMPTY_PROMPT_FILE
+    empty_prompt_sha256: str = ""
+    truncated: int = 0
+    clipped: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(seq_len, emb_dim, pooled_dim)``: what :class:`~tread_scale.data.dataset.LatentStreamingDataset`
+        takes as ``text_shape``."""
+        return (self.seq_len, self.emb_dim, self.pooled_dim)
+
+    def encoder(self, kind: str) -> dict | None:
+        return next((e for e in self.encoders if e["kind"] == kind), None)
 
 
 @dataclass
@@ -26,6 +77,9 @@ class LatentMetadata:
         scaling_factor: Factor the latents were multiplied by (decode divides by it); 1 for pixel space.
         class_names: Optional names of the classes, by label.
         source: What the data was converted from.
+        text: How captions were embedded (:class:`TextMetadata`); ``None`` for datasets without text,
+            whose metadata file has no ``text`` key. Captioned datasets have one class
+            (``num_classes=1``, every label 0).
     """
 
     latent_shape: tuple[int, int, int]
@@ -38,10 +92,13 @@ class LatentMetadata:
     source: str = ""
     format: str = FORMAT
     extra: dict = field(default_factory=dict)
+    text: TextMetadata | None = None
 
     def to_json(self) -> str:
         d = asdict(self)
         d["latent_shape"] = list(self.latent_shape)
+        if self.text is None:
+            del d["text"]  # datasets without captions keep exactly their former metadata
         return json.dumps(d, indent=2, sort_keys=True)
 
     @classmethod
@@ -49,6 +106,8 @@ class LatentMetadata:
         try:
             d = json.loads(text)
             d["latent_shape"] = tuple(int(x) for x in d["latent_shape"])
+            if d.get("text") is not None:
+                d["text"] = TextMetadata(**d["text"])
             return cls(**d)
         except (ValueError, KeyError, TypeError) as e:
             raise DatasetError(f"{where}: malformed dataset metadata ({type(e).__name__}: {e})") from None
@@ -97,3 +156,130 @@ def check_against_model(meta: LatentMetadata, *, in_channels: int, input_size: i
             f"{where}: dataset has {meta.num_classes} classes but model.num_classes={num_classes}; "
             "labels would be out of range"
         )
+
+
+def check_text_against_model(meta: LatentMetadata, *, emb_dim: int, pooled_dim: int, where: str,
+                             max_tokens: int | None = None) -> None:
+    """Check a captioned dataset's text facts against a text-conditioned model.
+
+    Args:
+        meta: The dataset's metadata.
+        emb_dim: Token width the model takes.
+        pooled_dim: Pooled width the model takes.
+        where: The dataset, for messages.
+        max_tokens: Most text tokens the model takes (``None``: any).
+
+    Raises:
+        DatasetMismatchError: If the dataset has no text, or a width or the length disagrees (both values named).
+    """
+    t = meta.text
+    if t is None:
+        raise DatasetMismatchError(f"{where}: the dataset has no text embeddings (converted without captions) but "
+                                   "the model is text-conditioned; convert it with `tread-scale convert captions`")
+    if t.emb_dim != emb_dim:
+        raise DatasetMismatchError(f"{where}: text tokens have width {t.emb_dim} (text.emb_dim) but the model takes "
+                                   f"{emb_dim}")
+    if t.pooled_dim != pooled_dim:
+        raise DatasetMismatchError(f"{where}: pooled text embeddings have width {t.pooled_dim} (text.pooled_dim) but "
+                                   f"the model takes {pooled_dim}")
+    if max_tokens is not None and t.seq_len > max_tokens:
+        raise DatasetMismatchError(f"{where}: {t.seq_len} text tokens per sample (text.seq_len) but the model takes at "
+                                   f"most {max_tokens}")
+
+
+def check_text_encoders(text: TextMetadata | LatentMetadata | None, *, t5: str | None = None,
+                        clip: str | None = None, where: str = "the dataset") -> None:
+    """Check that local encoder folders are the encoders a captioned dataset was converted with.
+
+    Training calls this at start when it is given encoders (to encode prompts for sample grids), sampling
+    before it encodes prompts. Compares the kinds and the content hashes of the weight and tokenizer
+    files (hashing reads every weight byte once per process).
+
+    Args:
+        text: The dataset's metadata or its ``text`` section.
+        t5: Local T5 folder, if any.
+        clip: Local CLIP folder, if any.
+        where: The dataset, for messages.
+
+    Raises:
+        DatasetMismatchError: If the dataset has no text section.
+        ConfigError: Naming the encoder, the folder and both hashes (or the kinds) that differ.
+    """
+    from tread_scale.data.text_encoder import inspect_encoder
+
+    if isinstance(text, LatentMetadata):
+        text = text.text
+    if text is None:
+        raise DatasetMismatchError(f"{where} has no text embeddings (converted without captions), so no text encoder "
+                                   "can match it")
+    given = {k: f for k, f in (("t5", t5), ("clip", clip)) if f is not None}
+    recorded = {e["kind"]: e for e in text.encoders}
+    if not recorded:
+        raise ConfigError(f"{where} holds precomputed text embeddings and records no encoders, so encoders "
+                          f"{sorted(given)} cannot be checked against it; re-convert with --t5/--clip to record them")
+    if set(given) != set(recorded):
+        had = ", ".join(f"{k}={e['name']}" for k, e in recorded.items())
+        got = ", ".join(f"{k}={v}" for k, v in given.items()) or "none"
+        raise ConfigError(f"{where} was converted with text encoder(s) {had}, but {got} were given; give exactly "
+                          + " ".join(f"--{k}" for k in sorted(recorded)))
+    for kind, folder in given.items():
+        info, rec = inspect_encoder(folder, kind), recorded[kind]
+        for field_name in ("weights_sha256", "tokenizer_sha256"):
+            got, want = getattr(info, field_name), rec[field_name]
+            if got != want:
+                what = field_name.split("_")[0]
+                raise ConfigError(f"{kind} encoder {folder!r}: its {what} (sha256 {got[:16]}…) differ from those of "
+                                  f"{rec['name']!r} that {where} was converted with (sha256 {want[:16]}…); use "
+                                  "the same encoder folder, or re-convert the dataset")
+
+
+def empty_prompt_digest(arrays: dict[str, Any]) -> str:
+    """sha256 of the empty prompt's arrays (names, dtypes, shapes and bytes; not the npz file's bytes)."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for name in ("text_emb", "text_mask", "text_pooled"):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def read_empty_prompt(root: str, meta: LatentMetadata | None = None) -> dict[str, Any]:
+    """The empty prompt's embedding of a captioned dataset (for classifier-free guidance, caption dropout).
+
+    Args:
+        root: The dataset (local folder or ``s3://`` prefix).
+        meta: Its metadata, if already read.
+
+    Returns:
+        ``text_emb`` ``(L, D)`` float16, ``text_mask`` ``(L,)`` bool and ``text_pooled`` ``(P,)`` float16
+        tensors: one row of what a batch holds.
+
+    Raises:
+        DatasetError: If the dataset has no text, the file is missing, or its content differs from the
+            hash in the metadata.
+    """
+    import numpy as np
+    import torch
+
+    if not isinstance(root, str):
+        raise TypeError(f"read_empty_prompt takes the dataset's root (local folder or s3:// prefix), got {root!r}")
+    meta = meta or read_metadata(root)
+    if meta.text is None:
+        raise DatasetError(f"{root} has no text embeddings (converted without captions), so no empty prompt")
+    where = join_uri(root, meta.text.empty_prompt)
+    raw = read_bytes(where)
+    if raw is None:
+        raise DatasetError(f"{where} not found: the empty prompt of this captioned dataset is missing; re-run the "
+                           "conversion (it resumes)")
+    try:
+        with np.load(io.BytesIO(raw)) as z:
+            arrays = {k: z[k] for k in ("text_emb", "text_mask", "text_pooled")}
+    except (ValueError, KeyError, OSError) as e:
+        raise DatasetError(f"{where}: malformed empty-prompt file ({type(e).__name__}: {e})") from None
+    if meta.text.empty_prompt_sha256 and empty_prompt_digest(arrays) != meta.text.empty_prompt_sha256:
+        raise DatasetError(f"{where}: content differs from the hash in {META_FILE} (a file of another conversion?)")
+    return {"text_emb": torch.from_numpy(arrays["text_emb"].astype(np.float16)),
+            "text_mask": torch.from_numpy(arrays["text_mask"].astype(bool)),
+            "text_pooled": torch.from_numpy(arrays["text_pooled"].astype(np.float16))}

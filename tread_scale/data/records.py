@@ -18,6 +18,9 @@ import numpy as np
 
 from tread_scale.data.metadata import parse_ndarray_encoding
 
+#: Columns of captioned datasets that the record view exposes when a shard has them.
+TEXT_COLUMNS = ("text_emb", "text_mask", "text_pooled", "caption")
+
 _RECORDS: "OrderedDict[str, tuple[np.ndarray, int]]" = OrderedDict()  # path -> (records, inode)
 _RECORDS_PID = [0]
 _MAX_MAPS = 64  # a shuffled batch reads from tens of shards; a mapping costs address space only
@@ -28,7 +31,7 @@ class ShardLayout:
     """Where a shard's samples live: its local file and one sample's fields at their byte offsets."""
 
     path: str
-    record: np.dtype  # one sample: latent, label and (when stored) id at their byte offsets
+    record: np.dtype  # one sample: latent, label and (when stored) id and text columns at their byte offsets
 
 
 _LAYOUTS: "weakref.WeakKeyDictionary[Any, ShardLayout | None]" = weakref.WeakKeyDictionary()
@@ -57,6 +60,12 @@ def _layout_of(shard) -> ShardLayout | None:
               "label": (np.dtype("<i8"), offsets["label"])}
     if encodings.get("id") == "int":
         fields["id"] = (np.dtype("<i8"), offsets["id"])
+    for name in TEXT_COLUMNS:  # captioned datasets' columns (tread_scale.data.captions): static ndarrays
+        if name in encodings and encodings[name].startswith("ndarray"):
+            col_dtype, col_dims = parse_ndarray_encoding(encodings[name])
+            if col_dims is None or col_dtype == "unknown":
+                return None
+            fields[name] = (np.dtype((np.dtype(col_dtype).newbyteorder("<"), tuple(col_dims))), offsets[name])
     record = np.dtype({"names": list(fields), "formats": [f for f, _ in fields.values()],
                        "offsets": [o for _, o in fields.values()], "itemsize": int(sum(sizes))})
     return ShardLayout(path=os.path.join(shard.dirname, shard.split or "", raw.basename), record=record)

@@ -27,16 +27,21 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".ti
 
 @dataclass
 class Sample:
-    """One converted sample: a float latent ``(C, H, W)``, its label and a stable id."""
+    """One converted sample: a float latent ``(C, H, W)``, its label and a stable id.
+
+    Captioned sources add ``text``: ``text_emb`` ``(L, D)``, ``text_mask`` ``(L,)``, ``text_pooled``
+    ``(P,)``, ``caption`` (str), ``truncated`` (bool) and ``where`` (the input, for error messages).
+    """
 
     id: int
     latent: np.ndarray
     label: int
+    text: dict | None = None
 
 
 @dataclass
 class Plan:
-    """What a source will produce: the work items and the facts of the data."""
+    """What a source will produce: the work items and the facts of the data (``text``: captioned sources)."""
 
     items: list[Any]
     latent_shape: tuple[int, int, int]
@@ -44,6 +49,7 @@ class Plan:
     class_names: list[str] | None = None
     vae: str = "none"
     scaling_factor: float = 1.0
+    text: Any = None  # TextMetadata of captioned sources
 
 
 class Source:
@@ -61,6 +67,10 @@ class Source:
     def load(self, items: Sequence[tuple[int, Any]], plan: Plan) -> Iterator[Sample]:
         """Produce the samples of ``(id, item)`` pairs taken from :attr:`Plan.items`."""
         raise NotImplementedError
+
+    def empty_prompt(self, plan: Plan) -> dict[str, np.ndarray] | None:
+        """Captioned sources: the empty prompt's ``text_emb``, ``text_mask``, ``text_pooled`` (in a worker)."""
+        return None
 
 
 def check_sample(latent: np.ndarray, label: int, plan: Plan, where: str) -> None:
@@ -247,6 +257,106 @@ def _load_image(path: Path, resolution: int) -> np.ndarray:
     return arr.transpose(2, 0, 1) / 127.5 - 1.0
 
 
+def aligned_chunks(ids: Sequence[int], total: int, size: int) -> Iterator[range]:
+    """The chunks ``[k*size, min((k+1)*size, total))`` of a plan that hold any of ``ids``, in order.
+
+    Encoders run on whole chunks, whoever owns their items: a group that owns part of a chunk still encodes
+    all of it and keeps its own rows. A batch's content, shape and random draws are then those of the
+    chunk alone, so ``--processes N`` writes the same bits as one process, and resumption too.
+    """
+    seen: set[int] = set()
+    for i in ids:
+        k = i // size
+        if k not in seen:
+            seen.add(k)
+            yield range(k * size, min((k + 1) * size, total))
+
+
+class ImageEncoder:
+    """Pixels → stored latents: through a local VAE (float32, latents sampled with a seed per chunk), or
+    as they are for ``vae="none"``.
+
+    Args:
+        vae: Local ``AutoencoderKL`` folder, or ``none``.
+        device: Device of the VAE.
+        seed: Seed of the latent sampling; a chunk starting at item ``i`` draws with ``mix_seed(seed, i)``.
+    """
+
+    def __init__(self, vae: str, device: str, seed: int) -> None:
+        self.device, self.seed, self.vae = device, seed, None
+        if vae != "none":
+            from tread_scale.data.vae import load_vae
+
+            self.vae = load_vae(vae, device)
+
+    def __call__(self, pixels: np.ndarray, chunk_start: int) -> np.ndarray:
+        if self.vae is None:
+            return pixels
+        import torch
+
+        from tread_scale.data.vae import encode
+        from tread_scale.rng import mix_seed
+
+        gen = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, chunk_start))
+        return encode(self.vae, torch.from_numpy(pixels).to(self.device), generator=gen).cpu().numpy()
+
+
+def vae_plan(vae: str, resolution: int) -> dict:
+    """The latent facts of images of side ``resolution`` through the VAE folder ``vae`` (or ``none``).
+
+    Returns:
+        ``latent_shape``, ``vae`` (its id) and ``scaling_factor``: keyword arguments of :class:`Plan`.
+
+    Raises:
+        ConfigError: If the VAE folder cannot be loaded.
+        DatasetError: If ``resolution`` is not divisible by the VAE's downsampling factor.
+    """
+    if vae == "none":
+        return {"latent_shape": (3, resolution, resolution)}
+    from tread_scale.data.vae import load_vae, vae_downsample, vae_scaling_factor
+
+    model = load_vae(vae)
+    f = vae_downsample(model)
+    if resolution % f:
+        raise DatasetError(f"resolution {resolution} is not divisible by the VAE's downsampling factor {f}")
+    return {"latent_shape": (int(model.config.latent_channels), resolution // f, resolution // f),
+            "vae": str(getattr(model.config, "_name_or_path", "") or Path(vae).name),
+            "scaling_factor": vae_scaling_factor(model)}
+
+
+def encode_image_chunks(ids: Sequence[int], total: int, batch_size: int, path_of, resolution: int,
+                        encoder: ImageEncoder) -> Iterator[tuple[range, np.ndarray, list[bool]]]:
+    """Read and encode the images of the aligned chunks holding ``ids`` (see :func:`aligned_chunks`).
+
+    Args:
+        ids: Plan indices this worker owns.
+        total: Items in the plan.
+        batch_size: Chunk size (images per encoder forward).
+        path_of: Plan index → image path.
+        resolution: Image side.
+        encoder: Pixels → latents.
+
+    Yields:
+        ``(chunk, latents, readable)``: a row per chunk item; an unreadable image's row holds a copy of the
+        chunk's first readable one (dropped by the caller; a warning names images this worker owns).
+    """
+    owned = set(ids)
+    for chunk in aligned_chunks(ids, total, batch_size):
+        pixels: list[np.ndarray | None] = []
+        for i in chunk:
+            try:
+                pixels.append(_load_image(path_of(i), resolution))
+            except (OSError, ValueError) as e:
+                if i in owned:
+                    log.warning("skipping %s: cannot be read as an image (%s)", path_of(i), e)
+                pixels.append(None)
+        readable = [p is not None for p in pixels]
+        if not any(ok and i in owned for i, ok in zip(chunk, readable)):
+            continue
+        fill = next(p for p in pixels if p is not None)
+        yield chunk, encoder(np.stack([fill if p is None else p for p in pixels]), chunk.start), readable
+
+
 @dataclass
 class ImageFolderSource(Source):
     """Images in one subfolder per class (sorted names → labels 0, 1, …).
@@ -260,8 +370,9 @@ class ImageFolderSource(Source):
         folder: Root folder with one subfolder per class.
         resolution: Image side after crop and resize.
         vae: Local VAE folder, or ``none``.
-        batch_size: Images per VAE forward.
-        seed: Seed of the latent sampling (``latent_dist.sample``).
+        batch_size: Images per VAE forward: the plan is cut into aligned chunks of this size
+            (:func:`aligned_chunks`), so the output does not depend on ``--processes``.
+        seed: Seed of the latent sampling (``latent_dist.sample``; ``mix_seed(seed, chunk start)`` per chunk).
         device: Device for encoding.
     """
 
@@ -298,53 +409,17 @@ class ImageFolderSource(Source):
             items.append((p.relative_to(root).as_posix(), classes.index(p.parent.name)))
         if not items:
             raise DatasetError(f"image folder {self.folder!r} holds no images in its class subfolders {classes}")
-        if self.vae == "none":
-            return Plan(items, (3, self.resolution, self.resolution), len(classes), classes)
-        from tread_scale.data.vae import load_vae, vae_downsample, vae_scaling_factor
-
-        vae = load_vae(self.vae)
-        f = vae_downsample(vae)
-        if self.resolution % f:
-            raise DatasetError(f"resolution {self.resolution} is not divisible by the VAE's downsampling factor {f}")
-        shape = (int(vae.config.latent_channels), self.resolution // f, self.resolution // f)
-        vae_id = str(getattr(vae.config, "_name_or_path", "") or Path(self.vae).name)
-        return Plan(items, shape, len(classes), classes, vae=vae_id, scaling_factor=vae_scaling_factor(vae))
+        return Plan(items, num_classes=len(classes), class_names=classes, **vae_plan(self.vae, self.resolution))
 
     def load(self, items: Sequence[tuple[str, int]], plan: Plan) -> Iterator[Sample]:
-        import torch
-
         root = Path(self.folder)
-        vae = None
-        if self.vae != "none":
-            from tread_scale.data.vae import encode, load_vae
-
-            vae = load_vae(self.vae, self.device)
-        batch: list[tuple[int, np.ndarray, int]] = []
-
-        def flush() -> Iterator[Sample]:
-            if not batch:
-                return
-            pixels = np.stack([b[1] for b in batch])
-            if vae is None:
-                latents = pixels
-            else:
-                from tread_scale.rng import mix_seed
-
-                gen = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, batch[0][0]))
-                latents = encode(vae, torch.from_numpy(pixels).to(self.device), generator=gen).cpu().numpy()
-            for (item_id, _, label), latent in zip(batch, latents):
-                check_sample(latent, label, plan, str(root / items_by_id[item_id][0]))
-                yield Sample(item_id, latent, label)
-            batch.clear()
-
-        items_by_id = dict(items)
-        for item_id, (rel, label) in items:
-            try:
-                pixels = _load_image(root / rel, self.resolution)
-            except (OSError, ValueError) as e:
-                log.warning("skipping %s: cannot be read as an image (%s)", root / rel, e)
-                continue
-            batch.append((item_id, pixels, label))
-            if len(batch) >= self.batch_size:
-                yield from flush()
-        yield from flush()
+        encoder = ImageEncoder(self.vae, self.device, self.seed)
+        owned = dict(items)
+        for chunk, latents, readable in encode_image_chunks(
+                list(owned), len(plan.items), self.batch_size, lambda i: root / plan.items[i][0], self.resolution,
+                encoder):
+            for i, latent, ok in zip(chunk, latents, readable):
+                if ok and i in owned:
+                    rel, label = owned[i]
+                    check_sample(latent, label, plan, str(root / rel))
+                    yield Sample(i, latent, label)

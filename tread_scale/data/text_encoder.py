@@ -1,0 +1,416 @@
+"""Text encoders from local folders: captions → per-token embeddings, attention mask and pooled embedding.
+
+Plain torch + transformers (no Composer), used once at conversion (``tread-scale convert captions``) and
+again by sampling, to encode prompts exactly as the dataset's captions were encoded. Nothing is
+downloaded: each encoder is a folder written by ``save_pretrained`` holding the model *and* its tokenizer,
+loaded with ``local_files_only``.
+
+Kinds and how they combine (SD3's rule):
+
+* ``t5``: a ``T5EncoderModel`` (``mt5``/``umt5`` folders load their own encoder classes).
+* ``clip``: a ``CLIPTextModel`` or ``CLIPTextModelWithProjection`` (the class named in ``config.json``).
+* Tokens: the last hidden state of the encoder, padded to ``length`` tokens (``max_length``; for CLIP at most
+  its ``max_position_embeddings``). With both, the CLIP tokens come first and the T5 tokens after them
+  (sequence ``length_clip + length_t5``), each zero-padded on the feature axis to the wider of the two.
+* Mask: the tokenizers' attention masks, concatenated the same way (``True`` = a real token). The mask is
+  also given to the encoders, so padding never changes the real tokens' embeddings.
+* Pooled: CLIP's projected output (``text_embeds``) for a ``CLIPTextModelWithProjection``, its
+  ``pooler_output`` for a ``CLIPTextModel``; without CLIP, the masked mean of the T5 tokens.
+
+Encoding runs in float32 unless told otherwise; outputs are float16 (as stored in datasets).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tread_scale.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("t5", "clip")
+#: Files holding weights (hashed as the encoder's weights), and files holding the tokenizer.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "spiece.model", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
+_MODEL_TYPES = {"t5": ("t5", "mt5", "umt5"), "clip": ("clip_text_model",)}
+_HASHES: dict[tuple, tuple[str, str]] = {}
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """The facts of one encoder folder (read from its ``config.json``; nothing loaded).
+
+    Attributes:
+        kind: ``t5`` or ``clip``.
+        path: The folder, resolved.
+        model_class: The transformers class that loads it.
+        width: Width of its token embeddings.
+        pooled_width: Width of its pooled output (CLIP: projection or hidden size; T5: its width).
+        position_limit: Most tokens it takes (CLIP's positions), ``None`` for T5 (relative positions).
+        weights_sha256: Content hash of its weight files.
+        tokenizer_sha256: Content hash of its tokenizer files.
+    """
+
+    kind: str
+    path: str
+    model_class: str
+    width: int
+    pooled_width: int
+    position_limit: int | None
+    weights_sha256: str
+    tokenizer_sha256: str
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+    def record(self, length: int) -> dict:
+        """The encoder's entry in the dataset metadata's ``text.encoders``."""
+        return {"kind": self.kind, "name": self.name, "model_class": self.model_class, "width": self.width,
+                "pooled_width": self.pooled_width, "length": length, "weights_sha256": self.weights_sha256,
+                "tokenizer_sha256": self.tokenizer_sha256}
+
+
+def folder_hashes(folder: str | os.PathLike) -> tuple[str, str]:
+    """Content hashes ``(weights, tokenizer)`` of an encoder folder (sha256 over file names and bytes).
+
+    Weight files are those ending in :data:`WEIGHT_SUFFIXES` (anywhere under the folder), tokenizer files
+    those named in :data:`TOKENIZER_FILES`. Hashing reads every weight byte (seconds per GB); results are
+    remembered per process while the files' sizes and modification times stay the same.
+    """
+    root = Path(folder).resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    weights = [p for p in files if p.name.endswith(WEIGHT_SUFFIXES)]
+    tokenizer = [p for p in files if p.name in TOKENIZER_FILES]
+    key = (str(root), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights + tokenizer))
+    if key not in _HASHES:
+        _HASHES[key] = (_hash_files(root, weights), _hash_files(root, tokenizer))
+    return _HASHES[key]
+
+
+def _hash_files(root: Path, files: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.relative_to(root).as_posix().encode() + b"\0")
+        with p.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def inspect_encoder(folder: str | os.PathLike, kind: str) -> EncoderInfo:
+    """Read an encoder folder's facts and check that it holds a model of ``kind`` and a tokenizer.
+
+    Raises:
+        ConfigError: Naming the folder, if it is missing, lacks ``config.json``, weights or tokenizer files,
+            or holds another kind of model.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"text encoder kind {kind!r} is not one of {KINDS}")
+    p = Path(folder)
+    flag = f"--{kind} {str(folder)!r}"
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"{flag}: no config.json there; expected a local folder written by save_pretrained "
+                          "(model and tokenizer; nothing is downloaded)")
+    try:
+        cfg = json.loads((p / "config.json").read_text())
+    except ValueError as e:
+        raise ConfigError(f"{flag}: config.json is not valid JSON ({e})") from None
+    model_type = cfg.get("model_type")
+    if model_type not in _MODEL_TYPES[kind]:
+        hint = " (a full CLIPModel: save its text model with CLIPTextModelWithProjection.save_pretrained)" \
+            if model_type == "clip" else ""
+        raise ConfigError(f"{flag}: config.json has model_type {model_type!r}, expected one of "
+                          f"{_MODEL_TYPES[kind]}{hint}")
+    if not any(n in os.listdir(p) for n in ("tokenizer.json", "spiece.model", "tokenizer_config.json", "vocab.json")):
+        raise ConfigError(f"{flag}: no tokenizer files there (save the tokenizer with save_pretrained into the "
+                          "same folder)")
+    weights, tokenizer = folder_hashes(p)
+    if not any(q.name.endswith(WEIGHT_SUFFIXES) for q in p.rglob("*")):
+        raise ConfigError(f"{flag}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) there")
+    if kind == "t5":
+        cls = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}[model_type]
+        width = int(cfg["d_model"])
+        return EncoderInfo(kind, str(p.resolve()), cls, width, width, None, weights, tokenizer)
+    archs = cfg.get("architectures") or []
+    cls = "CLIPTextModelWithProjection" if "CLIPTextModelWithProjection" in archs else "CLIPTextModel"
+    width = int(cfg["hidden_size"])
+    pooled = int(cfg.get("projection_dim", 512)) if cls == "CLIPTextModelWithProjection" else width
+    return EncoderInfo(kind, str(p.resolve()), cls, width, pooled, int(cfg.get("max_position_embeddings", 77)),
+                       weights, tokenizer)
+
+
+@dataclass(frozen=True)
+class TextLayout:
+    """How encoders combine into one token sequence (see the module docstring).
+
+    Attributes:
+        encoders: The encoders, in sequence order (CLIP first).
+        lengths: Tokens of each encoder.
+        max_length: The requested token limit.
+        seq_len: Tokens in all (``sum(lengths)``).
+        emb_dim: Token width (the widest encoder's).
+        pooled_dim: Pooled width.
+        pooled: Where the pooled embedding comes from: ``clip`` or ``t5_mean``.
+    """
+
+    encoders: tuple[EncoderInfo, ...]
+    lengths: tuple[int, ...]
+    max_length: int
+    seq_len: int
+    emb_dim: int
+    pooled_dim: int
+    pooled: str
+
+    def records(self) -> list[dict]:
+        return [e.record(n) for e, n in zip(self.encoders, self.lengths)]
+
+
+def text_layout(t5: EncoderInfo | None, clip: EncoderInfo | None, max_length: int) -> TextLayout:
+    """Combine encoder facts into a :class:`TextLayout`.
+
+    Raises:
+        ConfigError: If neither encoder is given or ``max_length`` is not positive.
+    """
+    if t5 is None and clip is None:
+        raise ConfigError("no text encoder: give a T5 folder (--t5), a CLIP folder (--clip), or both")
+    if max_length < 1:
+        raise ConfigError(f"--max-length must be >= 1, got {max_length}")
+    encoders = tuple(e for e in (clip, t5) if e is not None)
+    lengths = tuple(min(max_length, e.position_limit or max_length) for e in encoders)
+    pooled = clip.pooled_width if clip is not None else t5.width
+    return TextLayout(encoders, lengths, max_length, sum(lengths), max(e.width for e in encoders), pooled,
+                      "clip" if clip is not None else "t5_mean")
+
+
+def _model_class(name: str):
+    import transformers
+
+    return getattr(transformers, name)
+
+
+class TextEncoder:
+    """Encodes captions with local T5 and/or CLIP text encoders (see the module docstring).
+
+    Build with :meth:`from_folders`. Deterministic: the same captions in the same batches give the same
+    bits on the same device (eval mode, no dropout, fixed padding to ``length``).
+
+    Attributes:
+        layout: How the encoders combine (sequence length, widths).
+    """
+
+    def __init__(self, layout: TextLayout, tokenizers: list, models: list, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.layout = layout
+        self.tokenizers = tokenizers
+        self.models = models
+        self.device = device
+        self.dtype = dtype
+
+    @classmethod
+    def from_folders(cls, t5: str | os.PathLike | None = None, clip: str | os.PathLike | None = None, *,
+                     max_length: int = 77, device: str | torch.device = "cpu",
+                     dtype: torch.dtype = torch.float32) -> TextEncoder:
+        """Load the encoders (and their tokenizers) from local ``save_pretrained`` folders.
+
+        Args:
+            t5: Folder of a T5 encoder and its tokenizer.
+            clip: Folder of a CLIP text model and its tokenizer.
+            max_length: Tokens per encoder (CLIP: at most its position limit).
+            device: Where to run them.
+            dtype: Compute dtype (float32 by default; T5 overflows in float16, use bfloat16 to save memory).
+
+        Raises:
+            ConfigError: Naming the folder that is missing, of the wrong kind, or cannot be loaded.
+        """
+        from transformers import AutoTokenizer
+
+        infos = {k: inspect_encoder(f, k) for k, f in (("t5", t5), ("clip", clip)) if f is not None}
+        layout = text_layout(infos.get("t5"), infos.get("clip"), max_length)
+        device = torch.device(device)
+        tokenizers, models = [], []
+        for info in layout.encoders:
+            try:
+                tok = AutoTokenizer.from_pretrained(info.path, local_files_only=True)
+                model = _model_class(info.model_class).from_pretrained(info.path, local_files_only=True, dtype=dtype)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"--{info.kind} {info.path!r}: cannot load a {info.model_class} and its tokenizer: "
+                                  f"{e}") from None
+            if tok.pad_token is None:
+                raise ConfigError(f"--{info.kind} {info.path!r}: its tokenizer has no pad token")
+            tokenizers.append(tok)
+            models.append(model.to(device).eval().requires_grad_(False))
+        log.info("text encoders %s: %d tokens of width %d, pooled width %d (%s)",
+                 ", ".join(f"{e.kind}={e.name}" for e in layout.encoders), layout.seq_len, layout.emb_dim,
+                 layout.pooled_dim, layout.pooled)
+        return cls(layout, tokenizers, models, device, dtype)
+
+    @classmethod
+    def for_dataset(cls, text_meta, t5: str | None = None, clip: str | None = None, *,
+                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> TextEncoder:
+        """The encoders a dataset was converted with, checked against its metadata (for sampling prompts).
+
+        Args:
+            text_meta: The dataset's :class:`~tread_scale.data.metadata.TextMetadata` (``meta.text``).
+            t5: Local T5 folder (needed when the dataset used one).
+            clip: Local CLIP folder (needed when the dataset used one).
+            device: Where to run them.
+            dtype: Compute dtype.
+
+        Raises:
+            ConfigError: If the folders are not the encoders the dataset records.
+        """
+        from tread_scale.data.metadata import check_text_encoders
+
+        check_text_encoders(text_meta, t5=t5, clip=clip)
+        return cls.from_folders(t5=t5, clip=clip, max_length=text_meta.max_length, device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def encode(self, captions: Sequence[str], batch_size: int | None = None,
+               out_dtype: torch.dtype = torch.float16) -> dict[str, Any]:
+        """Encode captions.
+
+        Args:
+            captions: The texts.
+            batch_size: Captions per forward (all at once when ``None``).
+            out_dtype: Dtype of the returned embeddings (float16: what datasets store).
+
+        Returns:
+            ``text_emb`` ``(B, seq_len, emb_dim)``, ``text_mask`` ``(B, seq_len)`` bool, ``text_pooled``
+            ``(B, pooled_dim)`` (tensors on the CPU), and ``truncated``: per caption, whether it had more
+            tokens than an encoder's ``length`` (it was cut).
+        """
+        captions = [str(c) for c in captions]
+        step = batch_size or max(len(captions), 1)
+        parts = [self._encode(captions[i:i + step], out_dtype) for i in range(0, len(captions), step)]
+        if not parts:
+            lay = self.layout
+            return {"text_emb": torch.zeros(0, lay.seq_len, lay.emb_dim, dtype=out_dtype),
+                    "text_mask": torch.zeros(0, lay.seq_len, dtype=torch.bool),
+                    "text_pooled": torch.zeros(0, lay.pooled_dim, dtype=out_dtype), "truncated": []}
+        return {"text_emb": torch.cat([p["text_emb"] for p in parts]),
+                "text_mask": torch.cat([p["text_mask"] for p in parts]),
+                "text_pooled": torch.cat([p["text_pooled"] for p in parts]),
+                "truncated": [t for p in parts for t in p["truncated"]]}
+
+    def _encode(self, captions: list[str], out_dtype: torch.dtype) -> dict[str, Any]:
+        lay = self.layout
+        embs, masks, pooled = [], [], None
+        truncated = [False] * len(captions)
+        for info, length, tok, model in zip(lay.encoders, lay.lengths, self.tokenizers, self.models):
+            full = tok(captions, add_special_tokens=True, truncation=False, return_attention_mask=False,
+                       verbose=False)["input_ids"]
+            truncated = [t or len(ids) > length for t, ids in zip(truncated, full)]
+            batch = tok(captions, padding="max_length", truncation=True, max_length=length, return_tensors="pt",
+                        return_token_type_ids=False)
+            ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            out = model(input_ids=ids, attention_mask=mask)
+            hidden = out.last_hidden_state.float()
+            if info.kind == "clip":
+                pooled = (out.text_embeds if info.model_class == "CLIPTextModelWithProjection"
+                          else out.pooler_output).float()
+            elif lay.pooled == "t5_mean":
+                m = mask[..., None].float()
+                pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+            embs.append(torch.nn.functional.pad(hidden, (0, lay.emb_dim - hidden.shape[-1])))
+            masks.append(mask.bool())
+        return {"text_emb": torch.cat(embs, dim=1).to(out_dtype).cpu(),
+                "text_mask": torch.cat(masks, dim=1).cpu(),
+                "text_pooled": pooled.to(out_dtype).cpu(), "truncated": truncated}
+
+
+# --------------------------------------------------------------------------- tiny encoders for tests and the demo
+_T5_SPECIALS = ("<pad>", "</s>", "<unk>")
+_CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>", "<unk>")
+
+
+def _word_tokenizer(words: Sequence[str], specials: Sequence[str], template: str, model_max_length: int,
+                    **tokens: str):
+    """A lower-casing whole-word tokenizer over ``specials + words``, as a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(specials)}
+    for w in words:
+        vocab.setdefault(w.lower(), len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(t, vocab[t]) for t in specials if t in template])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length, **tokens), vocab
+
+
+def build_tiny_text_encoder(folder: str | os.PathLike, kind: str = "t5", seed: int = 0,
+                            vocab: Sequence[str] | None = None, width: int = 32, layers: int = 2,
+                            projection: bool = True) -> str:
+    """Write a tiny random text encoder and its tokenizer to ``folder`` (``save_pretrained`` layout).
+
+    Nothing is downloaded: the tokenizer is a whole-word vocabulary (``vocab``, by default the captioned
+    demo's words) built in process. Deterministic: the same arguments write the same bytes.
+
+    Args:
+        folder: Output folder (created).
+        kind: ``t5`` (a ``T5EncoderModel``) or ``clip`` (a ``CLIPTextModelWithProjection`` when
+            ``projection``, else a ``CLIPTextModel``).
+        seed: Seed of the random weights.
+        vocab: Words it knows; others become ``<unk>``.
+        width: Hidden width.
+        layers: Transformer layers.
+        projection: For CLIP, add a text projection (pooled width ``width // 2``).
+
+    Returns:
+        The folder.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    if kind not in KINDS:
+        raise ConfigError(f"text encoder kind {kind!r} is not one of {KINDS}")
+    if vocab is None:
+        from tread_scale.data.demo import DEMO_CAPTION_VOCAB
+
+        vocab = DEMO_CAPTION_VOCAB
+    words = list(vocab) + [",", "."]
+    if kind == "t5":
+        tok, ids = _word_tokenizer(words, _T5_SPECIALS, "$A </s>", 512, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>")
+        config = T5Config(vocab_size=len(ids), d_model=width, d_kv=width // 4, d_ff=2 * width, num_layers=layers,
+                          num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                          dropout_rate=0.0, pad_token_id=ids["<pad>"], eos_token_id=ids["</s>"],
+                          decoder_start_token_id=ids["<pad>"])
+        make = T5EncoderModel
+    else:
+        tok, ids = _word_tokenizer(words, _CLIP_SPECIALS, "<|startoftext|> $A <|endoftext|>", 77,
+                                   bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", unk_token="<unk>")
+        config = CLIPTextConfig(vocab_size=len(ids), hidden_size=width, intermediate_size=2 * width,
+                                num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=77,
+                                projection_dim=max(width // 2, 1), bos_token_id=ids["<|startoftext|>"],
+                                eos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"])
+        make = CLIPTextModelWithProjection if projection else CLIPTextModel
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = make(config).eval()
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def empty_prompt_arrays(encoded: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The first row of :meth:`TextEncoder.encode`'s output as stored arrays (float16 / bool)."""
+    return {"text_emb": encoded["text_emb"][0].numpy().astype(np.float16),
+            "text_mask": encoded["text_mask"][0].numpy().astype(bool),
+            "text_pooled": encoded["text_pooled"][0].numpy().astype(np.float16)}
