@@ -86,10 +86,13 @@ def test_layers_point_one_way(package, forbidden):
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("module,library", [("tread_scale.compat.composer", composer),
-                                            ("tread_scale.compat.streaming", streaming)])
+@pytest.mark.parametrize("module,library", [("tread_scale.compat.composer", "composer"),
+                                            ("tread_scale.compat.streaming", "streaming"),
+                                            ("tread_scale.compat.deepspeed", "deepspeed"),
+                                            ("tread_scale.compat.torch", "torch")])
 def test_compat_refuses_another_library_version(module, library, monkeypatch):
     importlib.import_module(module)
+    library = importlib.import_module(library)
     monkeypatch.setattr(library, "__version__", "9.9.9")
     monkeypatch.delitem(sys.modules, module)
     with pytest.raises(ImportError, match=r"written for .* but 9\.9\.9 is installed"):

@@ -18,6 +18,12 @@ from tests.conftest import tiny_run_cfg
     ({"backend": "ddp", "deepspeed": {"zero_stage": 1}}, r"parallelism.deepspeed is set but parallelism.backend is 'ddp'"),
     ({"backend": "fsdp", "fsdp": {"replicate": 0}}, r"parallelism.fsdp.replicate must be >= 1"),
     ({"backend": "fsdp", "fsdp": {"sharding": "full"}}, r"unknown config key 'parallelism.fsdp.sharding'"),
+    ({"grad_reduce_dtype": "fp16"}, r"parallelism.grad_reduce_dtype: 'fp16' is not one of 'fp32', 'bf16'"),
+    ({"backend": "fsdp", "fsdp": {"mixed_precision": "pure"}},
+     r"mixed_precision=pure is replaced by parallelism.grad_reduce_dtype=bf16"),
+    ({"backend": "fsdp", "grad_reduce_dtype": "bf16", "fsdp": {"mixed_precision": "full"}},
+     r"grad_reduce_dtype=bf16 needs parallelism.fsdp.mixed_precision=default"),
+    ({"grad_reduce_dtype": "bf16"}, r"grad_reduce_dtype=bf16 needs train.precision amp_bf16 .*got fp32"),
 ])
 def test_bad_parallelism_configs(tmp_path, parallelism, message):
     with pytest.raises(ConfigError, match=message):
@@ -48,7 +54,7 @@ def test_deepspeed_config_maps_our_keys():
 def test_hsdp_config_asks_composer_for_a_2d_mesh():
     from tread_scale.trainer.backends.fsdp import fsdp2_config
 
-    cfg = fsdp2_config(FSDPConfig(replicate=2, reshard_after_forward=False, mixed_precision="pure"))
+    cfg = fsdp2_config(FSDPConfig(replicate=2, reshard_after_forward=False), "bf16")
     assert cfg.data_parallel_replicate_degree == 2 and cfg.data_parallel_shard_degree == -1
     assert cfg.reshard_after_forward is False and cfg.mixed_precision == "PURE"
     assert fsdp2_config(FSDPConfig()).data_parallel_replicate_degree is None
@@ -58,3 +64,20 @@ def test_validate_parallelism_resolves_a_missing_section():
     p = ParallelismConfig(backend="deepspeed")
     validate_parallelism(p)
     assert p.deepspeed == DeepSpeedConfig() and p.fsdp is None
+
+
+def test_gradient_reduction_dtype_reaches_every_backend():
+    """``parallelism.grad_reduce_dtype`` (fp32 by default) sets FSDP2's and DeepSpeed's reduction dtype."""
+    from tread_scale.trainer.backends.deepspeed import deepspeed_config
+    from tread_scale.trainer.backends.fsdp import composer_mixed_precision
+
+    assert ParallelismConfig().grad_reduce_dtype == "fp32"
+    # Composer's policies: DEFAULT = bf16 params, fp32 reduce; PURE = bf16 both; FULL = fp32 both
+    assert composer_mixed_precision("default") == "DEFAULT" and composer_mixed_precision("full") == "FULL"
+    assert composer_mixed_precision("default", "bf16") == "PURE"
+    for reduce in ("fp32", "bf16"):
+        ds = deepspeed_config(DeepSpeedConfig(), 4, 2, "amp_bf16", None, "gpu", reduce)
+        assert ds["communication_data_type"] == reduce and ds["data_types"] == {"grad_accum_dtype": reduce}
+    assert deepspeed_config(DeepSpeedConfig(), 4, 2, "amp_bf16", None, "gpu")["communication_data_type"] == "fp32"
+    with pytest.raises(ConfigError, match="needs train.precision amp_bf16"):
+        deepspeed_config(DeepSpeedConfig(), 4, 2, "fp32", None, "cpu", "bf16")

@@ -13,12 +13,18 @@ import yaml
 from tests.conftest import REPO
 
 
-def launch(cfg: dict, nprocs: int, tmp_path: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Train ``cfg`` on ``nprocs`` processes and return the finished process (asserting success)."""
+def launch(cfg: dict, nprocs: int, tmp_path: Path, *overrides: str, timeout: int = 600,
+           module: str | None = None) -> subprocess.CompletedProcess:
+    """Train ``cfg`` on ``nprocs`` processes and return the finished process (asserting success).
+
+    ``module``: run this Python module (``python -m``, given the config path and overrides) instead of
+    ``launch.py``, e.g. a test's own entry point that adds a probe callback.
+    """
     cfg_path = tmp_path / f"cfg-{cfg['run_name']}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
+    entry = ["-m", module] if module else [str(REPO / "launch.py")]
     if nprocs == 1:
-        cmd = [sys.executable, str(REPO / "launch.py"), str(cfg_path), *overrides]
+        cmd = [sys.executable, *entry, str(cfg_path), *overrides]
     else:
         # torchrun rather than `composer -n`: the same environment contract (RANK, LOCAL_RANK, WORLD_SIZE,
         # MASTER_ADDR/PORT) at a quarter of the start-up (it imports torch, not Composer: 2 s vs 8 s here);
@@ -26,8 +32,7 @@ def launch(cfg: dict, nprocs: int, tmp_path: Path, *overrides: str, timeout: int
         from composer.utils import get_free_tcp_port
 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nprocs), "--master-addr",
-               "127.0.0.1", "--master-port", str(get_free_tcp_port()), str(REPO / "launch.py"), str(cfg_path),
-               *overrides]
+               "127.0.0.1", "--master-port", str(get_free_tcp_port()), *entry, str(cfg_path), *overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "NODE_RANK": "0"}  # (Composer reads it)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     log = tmp_path / f"{cfg['run_name']}-{len(list(tmp_path.glob('*.log')))}.log"

@@ -23,6 +23,7 @@ from tread_scale.config.schema import (
     RoutingConfig,
     RunConfig,
     SamplingConfig,
+    TextConfig,
     TrainConfig,
     WandbConfig,
 )
@@ -31,7 +32,7 @@ from tread_scale.config.validate import resolve_backend_sections, validate, vali
 
 __all__ = [
     "RunConfig", "ModelConfig", "RoutingConfig", "ObjectiveConfig", "OptimizerConfig", "EMAConfig", "DataConfig",
-    "FSDPConfig", "DeepSpeedConfig", "ParallelismConfig", "TrainConfig", "SamplingConfig", "EvaluationConfig",
+    "FSDPConfig", "DeepSpeedConfig", "ParallelismConfig", "TrainConfig", "SamplingConfig", "TextConfig", "EvaluationConfig",
     "WandbConfig", "LoggingConfig",
     "load_config", "load_config_dict", "config_from_dict", "dump_config",
     "validate", "validate_parallelism", "resolve_backend_sections",

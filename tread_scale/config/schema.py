@@ -12,20 +12,27 @@ from pathlib import Path
 from typing import Literal
 
 from tread_scale.errors import ConfigError
-from tread_scale.models.registry import DiTSize, parse_model_name
+from tread_scale.models.registry import DiTSize, model_spec
 from tread_scale.routing.routes import Route
 
 
 @dataclass
 class ModelConfig:
-    """The DiT to train.
+    """The network to train: a class-conditional DiT or a text-conditioned MMDiT.
 
-    ``name`` picks a registry entry (``DiT-XL/2``); leave it null and give ``depth``, ``hidden_size``,
-    ``num_heads`` and ``patch_size`` for a custom size (tests, demos). ``init_from``: a ``.safetensors``
-    file (ours, or converted by ``tread-scale import-dit``) to start from instead of a fresh init.
+    ``name`` picks a registry entry (``DiT-XL/2``, ``MMDiT-2B/2``); leave it null and give ``family``,
+    ``depth``, ``hidden_size``, ``num_heads`` and ``patch_size`` for a custom size (tests, demos).
+    ``init_from``: a ``.safetensors`` file (ours, or converted by ``tread-scale import-dit``) to start from
+    instead of a fresh init.
+
+    MMDiT only: ``text_dim``, ``pooled_dim`` and ``text_len`` (per-token and pooled text-embedding widths, padded
+    text length) default to the training dataset's (its metadata records them; ``dry-run`` without data uses
+    T5-XXL's 4096, CLIP-L+G's 2048 and 256); ``pos_embed`` (``rope`` by default; the DiT always uses
+    ``sincos``) and ``qk_norm``. ``num_classes`` does not apply to an MMDiT.
     """
 
     name: str | None = "DiT-B/2"
+    family: Literal["dit", "mmdit"] | None = None
     depth: int | None = None
     hidden_size: int | None = None
     num_heads: int | None = None
@@ -36,6 +43,24 @@ class ModelConfig:
     num_classes: int = 1000
     init: Literal["adaln_zero", "xavier_all"] = "adaln_zero"
     init_from: str | None = None
+    text_dim: int | None = None
+    pooled_dim: int | None = None
+    text_len: int | None = None
+    pos_embed: Literal["sincos", "learned", "rope"] | None = None
+    qk_norm: bool = True
+
+    def model_family(self) -> str:
+        """``dit`` or ``mmdit``: from ``name`` when set (``family``, if also set, must agree), else ``family``.
+
+        Raises:
+            ConfigError: If ``family`` contradicts the named model.
+        """
+        if self.name is None:
+            return self.family or "dit"
+        family = model_spec(self.name).family
+        if self.family is not None and self.family != family:
+            raise ConfigError(f"model.family={self.family} contradicts model.name={self.name} (a {family} model)")
+        return family
 
     def size(self) -> tuple[DiTSize, int]:
         """Resolve to ``(DiTSize, patch_size)``; explicit fields must agree with a named size.
@@ -53,7 +78,8 @@ class ModelConfig:
             if missing:
                 raise ConfigError(f"model.name is null, so model.{', model.'.join(missing)} must be set")
             return DiTSize(self.depth, self.hidden_size, self.num_heads, self.mlp_ratio), self.patch_size
-        size, patch = parse_model_name(self.name)
+        spec = model_spec(self.name)
+        size, patch = spec.size, spec.patch_size
         resolved = {"depth": size.depth, "hidden_size": size.hidden_size, "num_heads": size.num_heads,
                     "patch_size": patch}
         for k, v in explicit.items():
@@ -149,10 +175,11 @@ class FSDPConfig:
 
     ``reshard_after_forward: true`` frees gathered parameters after each unit's forward (ZeRO-3 memory);
     ``false`` keeps them until backward (ZeRO-2-like: less communication, more memory). Wrap units are
-    each DiT block, each embedder and the final layer. ``mixed_precision: default`` computes in the
-    training precision with fp32 gradient reduction (bf16 params, fp32 reduce under ``amp_bf16``); ``pure``
-    also reduces in low precision; ``full`` keeps everything fp32. ``replicate: R`` builds an HSDP mesh of
-    R replicas × (world_size / R) shards (e.g. R = number of nodes).
+    each DiT block, each embedder and the final layer. ``mixed_precision: default`` gathers the parameters
+    for compute in the training precision (bf16 under ``amp_bf16``; the sharded master weights stay fp32);
+    ``full`` gathers them in fp32 (autocast still computes matmuls in bf16). Gradients are reduced in
+    ``parallelism.grad_reduce_dtype`` (``pure``, which used to mean bf16 reduction, is refused with that
+    hint). ``replicate: R`` builds an HSDP mesh of R replicas × (world_size / R) shards (e.g. R = nodes).
     """
 
     reshard_after_forward: bool = True
@@ -190,10 +217,17 @@ class ParallelismConfig:
     the chosen backend may be given; validation (:func:`~tread_scale.config.validate.resolve_backend_sections`)
     fills it with its defaults when it is left out, so after validation ``fsdp`` is an :class:`FSDPConfig`
     when ``backend`` is ``fsdp`` and ``deepspeed`` a :class:`DeepSpeedConfig` when it is ``deepspeed``.
+
+    ``grad_reduce_dtype`` is the dtype gradients are reduced (and, under DeepSpeed, accumulated) in under
+    ``amp_bf16``, the same on every backend: ``fp32`` (default: every backend then trains the same model as
+    DDP, see docs/cluster.md#dtypes-per-backend) or ``bf16`` (half the gradient traffic; DDP through
+    PyTorch's ``bf16_compress_hook``, FSDP2 through its reduce dtype, DeepSpeed through
+    ``communication_data_type``). Under fp32 training only ``fp32`` is accepted.
     """
 
     backend: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     activation_checkpointing: bool = False
+    grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     fsdp: FSDPConfig | None = None
     deepspeed: DeepSpeedConfig | None = None
 
@@ -237,7 +271,9 @@ class SamplingConfig:
     """The in-training sample grid (EMA weights, fixed seeds).
 
     ``every: null`` samples only at the end of training (if ``at_fit_end``). ``vae`` is a local
-    AutoencoderKL folder used to decode latents into images; pixel-space data needs none.
+    AutoencoderKL folder used to decode latents into images; pixel-space data needs none. Text-conditioned
+    runs sample ``prompts`` (encoded with the ``text`` section's encoders), or else the captions of the
+    dataset's first ``num_images`` samples (their stored embeddings: no encoder needed).
     """
 
     every: str | None = "5000ba"
@@ -247,6 +283,20 @@ class SamplingConfig:
     seed: int = 0
     at_fit_end: bool = True
     vae: str | None = None
+    prompts: list[str] | None = None
+
+
+@dataclass
+class TextConfig:
+    """Local text-encoder folders of a text-conditioned run (``save_pretrained`` layout; nothing is downloaded).
+
+    When set, training checks them at start against the encoders the dataset was converted with (kinds and
+    content hashes) and can encode ``sampling.prompts``; their paths are recorded with the weights, so
+    ``tread-scale sample --prompt`` finds them by default.
+    """
+
+    t5: str | None = None
+    clip: str | None = None
 
 
 @dataclass
@@ -324,6 +374,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

@@ -36,6 +36,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key in ("in_channels", "input_size", "num_classes"):
         if getattr(cfg.model, key) < 1:
             raise ConfigError(f"model.{key} must be >= 1, got {getattr(cfg.model, key)}")
+    validate_family(cfg.model, size, cfg.text, cfg.sampling.prompts)
     resolve_routes(cfg.routes, size.depth)
     if not cfg.data.remote:
         raise ConfigError("data.remote must be set (s3://bucket/prefix or a local folder of MDS shards)")
@@ -63,10 +64,17 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("sampling.num_images and sampling.steps must be >= 1")
     resolve_backend_sections(cfg)
     validate_parallelism(cfg.parallelism)
+    if cfg.parallelism.grad_reduce_dtype == "bf16" and cfg.train.precision in ("fp32", "amp_fp16"):
+        raise ConfigError(f"parallelism.grad_reduce_dtype=bf16 needs train.precision amp_bf16 (or auto on a GPU), "
+                          f"got {cfg.train.precision}: fp32 training reduces gradients in fp32")
     if cfg.train.nonfinite_loss == "skip" and cfg.parallelism.backend == "deepspeed":
         raise ConfigError("train.nonfinite_loss=skip is not supported with parallelism.backend=deepspeed "
                           "(the engine owns the optimizer step); use stop")
     ev = cfg.evaluation
+    if ev.fid_every is not None and cfg.model.model_family() == "mmdit":
+        raise ConfigError("evaluation.fid_every: in-training FID is DiT-only for now (a text-to-image model needs a "
+                          "prompt set to sample, which it does not take yet); unset it. evaluation.val_every "
+                          "(validation loss on the dataset's own captions) works for MMDiT")
     if ev.fid_every is not None:
         for key in ("inception", "reference"):
             value = getattr(ev, key)
@@ -77,6 +85,44 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.model.init_from is not None and not Path(cfg.model.init_from).is_file():
         raise ConfigError(f"model.init_from: {cfg.model.init_from!r} does not exist")
     return cfg
+
+
+def validate_family(model, size, text=None, prompts=None) -> None:
+    """Family-specific keys: the DiT has sincos positions and no text settings; MMDiT widths are positive and
+    its encoder folders exist.
+
+    Raises:
+        ConfigError: Naming the key that does not apply or is out of range.
+    """
+    family = model.model_family()
+    if family == "dit":
+        if text is not None and (text.t5 or text.clip):
+            raise ConfigError(f"text.t5/text.clip: text encoders apply to text-conditioned (MMDiT) models, "
+                              f"not to {model.name or 'a DiT'}")
+        if prompts:
+            raise ConfigError(f"sampling.prompts applies to text-conditioned (MMDiT) models, not to "
+                              f"{model.name or 'a DiT'}; a DiT's grid shows its classes")
+        if model.pos_embed not in (None, "sincos"):
+            raise ConfigError(f"model.pos_embed={model.pos_embed}: the DiT uses fixed sincos positions; "
+                              "other position embeddings are MMDiT options")
+        for key in ("text_dim", "pooled_dim", "text_len"):
+            if getattr(model, key) is not None:
+                raise ConfigError(f"model.{key} applies to text-conditioned (MMDiT) models, not to {model.name}")
+        return
+    for key, folder in (("text.t5", getattr(text, "t5", None)), ("text.clip", getattr(text, "clip", None))):
+        if folder is not None and not Path(folder).is_dir():
+            raise ConfigError(f"{key}: {folder!r} is not a folder (a local save_pretrained text encoder)")
+    if prompts and not (getattr(text, "t5", None) or getattr(text, "clip", None)):
+        raise ConfigError("sampling.prompts needs the text encoders to embed them: set text.t5 and/or text.clip to the "
+                          "local folders the dataset was converted with (or leave sampling.prompts unset: grids then "
+                          "show the dataset's first captions)")
+    for key in ("text_dim", "pooled_dim", "text_len"):
+        value = getattr(model, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"model.{key} must be >= 1, got {value}")
+    if (model.pos_embed or "rope") == "rope" and (size.hidden_size // size.num_heads) % 4:
+        raise ConfigError(f"model.pos_embed=rope needs a head dimension divisible by 4; hidden_size "
+                          f"{size.hidden_size} / num_heads {size.num_heads} = {size.hidden_size // size.num_heads}")
 
 
 def resolve_backend_sections(cfg: RunConfig) -> RunConfig:
@@ -134,6 +180,12 @@ def validate_parallelism(p: ParallelismConfig, world_size: int | None = None) ->
                 raise ConfigError(f"parallelism.deepspeed.{key} must be >= 1, got {getattr(ds, key)}")
     if p.backend == "fsdp":
         fs = p.fsdp
+        if fs.mixed_precision == "pure":
+            raise ConfigError("parallelism.fsdp.mixed_precision=pure is replaced by parallelism.grad_reduce_dtype=bf16 "
+                              "(with mixed_precision=default), the reduction dtype every backend reads")
+        if fs.mixed_precision == "full" and p.grad_reduce_dtype == "bf16":
+            raise ConfigError("parallelism.grad_reduce_dtype=bf16 needs parallelism.fsdp.mixed_precision=default: "
+                              "full keeps parameters and gradients in fp32")
         if fs.replicate < 1:
             raise ConfigError(f"parallelism.fsdp.replicate must be >= 1, got {fs.replicate}")
         if world_size is not None and world_size % fs.replicate:

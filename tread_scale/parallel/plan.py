@@ -4,8 +4,8 @@ Everything is derived without a GPU: the model is built on the meta device. The 
 rank) is deliberately explicit so that each term can be checked:
 
 * parameters, gradients, AdamW moments (2 per parameter) and the EMA copy, each divided by the number of
-  ranks that share it under the chosen backend (DDP: none; FSDP: the shard group; ZeRO-1: optimizer and
-  master weights; ZeRO-2: also gradients; ZeRO-3: also parameters);
+  ranks that share it under the chosen backend (DDP: none; FSDP: the shard group; ZeRO-1: optimizer, fp32
+  master weights and the EMA kept with them; ZeRO-2: also gradients; ZeRO-3: also parameters);
 * working copies that sharded backends gather for compute (the largest FSDP unit, twice with prefetch,
   or every unit when parameters are not resharded after forward; DeepSpeed's stage-3 prefetch bucket);
 * activations saved for backward at the micro-batch size: per block and token, ``ACT_FP32`` values of
@@ -13,7 +13,9 @@ rank) is deliberately explicit so that each term can be checked:
   is fp32) and ``ACT_LOWP`` values in the compute dtype (q, k, v, attention output, linear inputs, the two
   4D MLP activations, …), counted on our block and checked against measured saved tensors in
   ``tests/parallel/test_plan.py``; plus the pre-route sequence each route keeps alive; with activation
-  checkpointing only block inputs plus one block's activations.
+  checkpointing only block inputs plus one block's activations. An MMDiT's text tokens pass every block
+  (never routed) and count like image tokens; QK-norm adds ``ACT_QK_NORM`` fp32 values per token (the last
+  block's key/value-only text stream is counted as a full one: high by under ``1/depth`` of the text part).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import torch
 
 from tread_scale.config import RunConfig, validate_parallelism
 from tread_scale.errors import ConfigError
-from tread_scale.factory import build_dit
+from tread_scale.factory import build_net
 from tread_scale.models.dit import DiT
+from tread_scale.models.mmdit import MMDiT
 from tread_scale.models.flops import Flops, model_flops
 from tread_scale.routing.flops import block_flops, tokens_per_block
 from tread_scale.routing.routes import resolve_routes
@@ -35,6 +38,9 @@ from tread_scale.routing.routes import resolve_routes
 #: projection input and output, fc1 input, the 4D MLP activations before and after GELU, fc2 output).
 ACT_FP32 = 4
 ACT_LOWP = 17
+#: With QK-norm (MMDiT): RMSNorm computes in fp32 and keeps each query's and key's fp32 input and normalised
+#: product for backward, 4 more fp32 values of width D per token (measured in ``tests/parallel/test_plan.py``).
+ACT_QK_NORM = 4
 GiB = 1024**3
 
 
@@ -54,16 +60,17 @@ class Memory:
         return sum(v for k, v in self.terms.items() if k in ("params", "grads", "optimizer", "master", "ema"))
 
 
-def activation_bytes(net: DiT, routes, microbatch: int, compute_bytes: int, checkpointing: bool,
+def activation_bytes(net: DiT | MMDiT, routes, microbatch: int, compute_bytes: int, checkpointing: bool,
                      include_recompute: bool = True) -> float:
     """Peak bytes of activations saved for backward by one micro-batch (``compute_bytes``: 2 bf16, 4 fp32).
 
     With ``checkpointing``, ``include_recompute=False`` gives only what the forward pass saves.
     """
     n, d, depth = net.num_tokens, net.hidden_size, net.depth
+    text = getattr(net, "text_len", 0)  # an MMDiT's text tokens go through every block (never routed)
     resolved = resolve_routes(routes, depth)
-    tokens = tokens_per_block(resolved, depth, n)
-    per_token = ACT_FP32 * 4 + ACT_LOWP * compute_bytes
+    tokens = [k + text for k in tokens_per_block(resolved, depth, n)]
+    per_token = (ACT_FP32 + (ACT_QK_NORM if getattr(net, "qk_norm", False) else 0)) * 4 + ACT_LOWP * compute_bytes
     per_block = [per_token * k * d for k in tokens]
     if checkpointing:
         # forward keeps only block inputs (fp32 residual stream); backward recomputes one block at a time
@@ -72,10 +79,11 @@ def activation_bytes(net: DiT, routes, microbatch: int, compute_bytes: int, chec
         total = sum(per_block)
     total += 4 * len(resolved) * n * d  # the saved pre-route sequence of each route
     total += 4 * 4 * n * d  # embedding output, final LayerNorm input and modulation
+    total += text * getattr(net, "text_dim", 0) * compute_bytes  # text encoder tokens (the text projection's input)
     return microbatch * total
 
 
-def estimate_memory(cfg: RunConfig, net: DiT, world_size: int, microbatch: int, gpu: bool) -> Memory:
+def estimate_memory(cfg: RunConfig, net: DiT | MMDiT, world_size: int, microbatch: int, gpu: bool) -> Memory:
     """Bytes per rank for ``cfg``'s backend (see the module docstring).
 
     ``cfg`` must be validated (``load_config``, ``config_from_dict``) or its parallelism section checked by
@@ -106,10 +114,11 @@ def estimate_memory(cfg: RunConfig, net: DiT, world_size: int, microbatch: int, 
         w = world_size
         param_bytes = compute  # DeepSpeed keeps model weights in the training dtype
         params = param_bytes * p_count / (w if ds.zero_stage == 3 else 1)
-        grads = param_bytes * p_count / (w if ds.zero_stage >= 2 else 1)
+        grad_bytes = 4 if par.grad_reduce_dtype == "fp32" else param_bytes  # accumulated in the reduce dtype
+        grads = grad_bytes * p_count / (w if ds.zero_stage >= 2 else 1)
         master = 4 * p_count / w  # fp32 partition the optimizer steps on (a copy even in fp32)
         optimizer = 8 * p_count / w
-        ema = 4 * p_count / (w if ds.zero_stage == 3 else 1)
+        ema = 4 * p_count / w  # sharded like the fp32 master partition, every stage
         mem.terms.update(params=params, grads=grads, master=master, optimizer=optimizer, ema=ema)
         if ds.zero_stage == 3:
             mem.terms["gathered_units"] = min(ds.stage3_prefetch_bucket_size, p_count) * param_bytes + 2 * unit * param_bytes
@@ -158,7 +167,7 @@ def dry_run(cfg: RunConfig, world_size: int, gpu_memory: str | None = None, proj
     if per_rank % microbatch:
         raise ConfigError(f"train.device_microbatch_size={microbatch} does not divide the per-rank batch {per_rank}")
     with torch.device("meta"):
-        net = build_dit(cfg.model)
+        net = build_net(cfg.model)
     params = sum(p.numel() for p in net.parameters())
     flops = model_flops(net, cfg.routes)
     gpu = gpu_memory is not None or cfg.train.device == "gpu"
@@ -167,7 +176,8 @@ def dry_run(cfg: RunConfig, world_size: int, gpu_memory: str | None = None, proj
     lines = [
         f"model         {cfg.model.name or 'custom'}: depth {size.depth}, width {size.hidden_size}, "
         f"{size.num_heads} heads, patch {patch}, {net.num_tokens} tokens of {cfg.model.in_channels}x"
-        f"{cfg.model.input_size}x{cfg.model.input_size} latents",
+        f"{cfg.model.input_size}x{cfg.model.input_size} latents"
+        + (f" + {net.text_len} text tokens of width {net.text_dim} (never routed)" if hasattr(net, "text_len") else ""),
         f"parameters    {params:,} ({params / 1e6:.1f}M)",
         f"routes        " + (", ".join(f"{r.start}->{r.end} @ {r.rate}" for r in resolve_routes(cfg.routes, size.depth))
                              or "none (dense)"),

@@ -82,7 +82,7 @@ class Assumptions:
 
 def step_collectives(backend: str, params: int, world: int, *, units: int, compute_bytes: int,
                      fsdp: FSDPConfig | None = None, deepspeed: DeepSpeedConfig | None = None,
-                     ddp_bucket_bytes: int = 25 * MiB) -> list[Collective]:
+                     ddp_bucket_bytes: int = 25 * MiB, grad_reduce_bytes: int = 4) -> list[Collective]:
     """The collectives one optimizer step issues on each rank.
 
     Args:
@@ -94,16 +94,19 @@ def step_collectives(backend: str, params: int, world: int, *, units: int, compu
         fsdp: FSDP options (reshard after forward, mixed precision, replicas); ``None``: the defaults.
         deepspeed: ZeRO options (stage); ``None``: the defaults.
         ddp_bucket_bytes: DDP's gradient bucket size (PyTorch default 25 MiB).
+        grad_reduce_bytes: Bytes per gradient value reduced: 4, or 2 under ``parallelism.grad_reduce_dtype: bf16``
+            (every backend reduces in that dtype: DDP's compress hook, FSDP2's reduce dtype, DeepSpeed's
+            ``communication_data_type``).
     """
     if world <= 1:
         return []
     if backend == "ddp":
-        grad = params * 4  # gradients of fp32 parameters (autocast keeps parameters fp32)
+        grad = params * grad_reduce_bytes  # gradients of fp32 parameters (autocast keeps parameters fp32)
         return [Collective("all_reduce", grad, world, max(1, math.ceil(grad / ddp_bucket_bytes)), "gradients")]
     if backend == "fsdp":
         cfg = FSDPConfig() if fsdp is None else fsdp
         param_b = 4 if cfg.mixed_precision == "full" else compute_bytes
-        reduce_b = compute_bytes if cfg.mixed_precision == "pure" else 4
+        reduce_b = grad_reduce_bytes
         shard = world // max(1, cfg.replicate)
         out = [Collective("all_gather", params * param_b, shard, units, "parameters for forward")]
         if cfg.reshard_after_forward:
@@ -115,7 +118,7 @@ def step_collectives(backend: str, params: int, world: int, *, units: int, compu
         return out
     if backend == "deepspeed":
         stage = (DeepSpeedConfig() if deepspeed is None else deepspeed).zero_stage
-        out = [Collective("reduce_scatter", params * compute_bytes, world, units, "gradients")]
+        out = [Collective("reduce_scatter", params * grad_reduce_bytes, world, units, "gradients")]
         if stage == 3:
             out += [Collective("all_gather", params * compute_bytes, world, units, "parameters for forward"),
                     Collective("all_gather", params * compute_bytes, world, units, "parameters for backward")]
@@ -160,7 +163,8 @@ class ProjectedStep:
 
 def project(backend: str, params: int, train_flops_per_image: float, per_gpu_batch: int, *, units: int,
             compute_bytes: int, a: Assumptions, nodes: list[int], fsdp: FSDPConfig | None = None,
-            deepspeed: DeepSpeedConfig | None = None, hsdp_shard: int | None = None) -> list[ProjectedStep]:
+            deepspeed: DeepSpeedConfig | None = None, hsdp_shard: int | None = None,
+            grad_reduce_bytes: int = 4) -> list[ProjectedStep]:
     """Weak-scaling projection for each node count in ``nodes`` (see the module docstring).
 
     For HSDP (``fsdp.replicate > 1``) the shard group keeps ``hsdp_shard`` ranks (default: one node) and
@@ -176,7 +180,7 @@ def project(backend: str, params: int, train_flops_per_image: float, per_gpu_bat
             shard = min(world, hsdp_shard or a.gpus_per_node)
             f = dataclasses.replace(fsdp, replicate=world // shard)
         cs = step_collectives(backend, params, world, units=units, compute_bytes=compute_bytes, fsdp=f,
-                              deepspeed=deepspeed)
+                              deepspeed=deepspeed, grad_reduce_bytes=grad_reduce_bytes)
         comm = comm_seconds(cs, a)
         step = compute + max(0.0, comm - a.overlap * compute)
         base = base or step
@@ -203,6 +207,7 @@ def projection_report(cfg, net, train_flops_per_image: float, per_gpu_batch: int
     par = cfg.parallelism
     params = sum(p.numel() for p in net.parameters())
     compute_bytes = 4 if cfg.train.precision == "fp32" else 2
+    grad_reduce_bytes = 2 if par.grad_reduce_dtype == "bf16" else 4
     units = sum(1 for m in net.modules() if net.fsdp_wrap_fn(m)) + 1
     if par.backend == "deepspeed" and par.deepspeed.zero_stage < 3:
         units = max(1, math.ceil(params * compute_bytes / par.deepspeed.reduce_bucket_size))
@@ -214,9 +219,9 @@ def projection_report(cfg, net, train_flops_per_image: float, per_gpu_batch: int
         nodes.append(max_nodes)
     rows = project(par.backend, params, train_flops_per_image, per_gpu_batch, units=units, compute_bytes=compute_bytes,
                    a=a, nodes=nodes, fsdp=par.fsdp if par.backend == "fsdp" else None,
-                   deepspeed=par.deepspeed if par.backend == "deepspeed" else None)
+                   deepspeed=par.deepspeed if par.backend == "deepspeed" else None, grad_reduce_bytes=grad_reduce_bytes)
     example = step_collectives(par.backend, params, 2 * a.gpus_per_node, units=units, compute_bytes=compute_bytes,
-                               fsdp=par.fsdp, deepspeed=par.deepspeed)
+                               fsdp=par.fsdp, deepspeed=par.deepspeed, grad_reduce_bytes=grad_reduce_bytes)
     lines = [f"projection    weak scaling, {per_gpu_batch} images per GPU per step, {par.backend}"
              + (f" (ZeRO-{par.deepspeed.zero_stage})" if par.backend == "deepspeed" else ""),
              f"  assumptions {a.describe()}",

@@ -38,11 +38,11 @@ class RunContext:
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """``auto`` → bf16 autocast on GPU, fp32 on CPU; autocast on CPU is refused."""
+    """``auto`` → bf16 autocast on GPU, fp32 on CPU; ``amp_bf16`` on CPU autocasts there; fp16 on CPU is refused."""
     if precision == "auto":
         return "amp_bf16" if device == "gpu" else "fp32"
-    if precision.startswith("amp") and device == "cpu":
-        raise ConfigError(f"train.precision={precision} needs a GPU; use fp32 on CPU")
+    if precision == "amp_fp16" and device == "cpu":
+        raise ConfigError(f"train.precision={precision} needs a GPU; use fp32 or amp_bf16 on CPU")
     return precision
 
 

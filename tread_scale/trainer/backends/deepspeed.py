@@ -39,13 +39,23 @@ log = logging.getLogger(__name__)
 
 
 def deepspeed_config(ds: DeepSpeedConfig, microbatch: int, world_size: int, precision: str,
-                     grad_clip_norm: float | None, device: str) -> dict[str, Any]:
+                     grad_clip_norm: float | None, device: str, grad_reduce_dtype: str = "fp32") -> dict[str, Any]:
     """The DeepSpeed config dict for one run.
 
-    DeepSpeed's own gradient clipping defaults to 1.0; it is set explicitly (0 = off, the reference).
+    DeepSpeed's own gradient clipping defaults to 1.0; it is set explicitly (0 = off, the reference). In
+    bf16 mode DeepSpeed reduces and accumulates gradients in bf16 unless told otherwise;
+    ``grad_reduce_dtype`` (``parallelism.grad_reduce_dtype``) sets both ``communication_data_type`` and
+    ``data_types.grad_accum_dtype``: ``fp32`` (default) reduces the bf16 gradients of each micro-batch in fp32
+    and accumulates them in fp32, as DDP does with fp32 gradients (ZeRO-1 then uses DeepSpeed's
+    ``BF16_Optimizer``, whose fp32 accumulation buffer is not partitioned: 4 bytes per parameter, as DDP's
+    gradients); ``bf16`` halves the gradient traffic and memory.
     """
     if precision == "amp_fp16":
         raise ConfigError("parallelism.backend=deepspeed supports train.precision amp_bf16 or fp32, not amp_fp16")
+    if grad_reduce_dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"parallelism.grad_reduce_dtype must be fp32 or bf16, got {grad_reduce_dtype!r}")
+    if grad_reduce_dtype == "bf16" and precision != "amp_bf16":
+        raise ConfigError(f"parallelism.grad_reduce_dtype=bf16 needs train.precision amp_bf16, not {precision}")
     zero: dict[str, Any] = {
         "stage": ds.zero_stage,
         # unmanaged accumulation overlaps communication only when gradients are partitioned
@@ -72,6 +82,8 @@ def deepspeed_config(ds: DeepSpeedConfig, microbatch: int, world_size: int, prec
         "zero_force_ds_cpu_optimizer": False,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "amp_bf16"},
+        "communication_data_type": grad_reduce_dtype,
+        "data_types": {"grad_accum_dtype": grad_reduce_dtype},
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
@@ -130,9 +142,19 @@ class DeepSpeedTrainer(WrappableTrainer):
     def wrap_model(self, model, optimizers) -> None:
         import deepspeed
 
+        from tread_scale.compat.deepspeed import DeepSpeedMaster
+
         optimizer = self.state.optimizers[0]
+        trainable = {n: p for n, p in self.state.model.named_parameters() if p.requires_grad}
+        bf16 = self.deepspeed_config["bf16"]["enabled"]
+        # bf16 mode casts the parameters before the optimizer copies them into its fp32 master partition:
+        # keep the fp32 initial weights (on the host, while the engine is built) and put them back there
+        initial = {n: p.detach().to("cpu", copy=True) for n, p in trainable.items()} if bf16 else {}
         engine, _, _, _ = deepspeed.initialize(model=self.state.model, optimizer=optimizer,
                                                config=self.deepspeed_config, dist_init_required=False)
+        if initial:
+            DeepSpeedMaster(engine, trainable).restore(initial)
+            del initial
         self.deepspeed_engine = engine
         self.state.model = engine
         self.state.optimizers = EngineOptimizer(engine)
@@ -140,8 +162,10 @@ class DeepSpeedTrainer(WrappableTrainer):
                                             if a not in ("model", "optimizers")]
         z = self.deepspeed_config["zero_optimization"]
         if dist.get_global_rank() == 0:
-            log.info("DeepSpeed ZeRO stage %d (offload optimizer: %s, params: %s, bf16: %s, clip: %s)", z["stage"],
-                     "offload_optimizer" in z, "offload_param" in z, self.deepspeed_config["bf16"]["enabled"],
+            log.info("DeepSpeed ZeRO stage %d (offload optimizer: %s, params: %s, bf16: %s, gradients reduced and "
+                     "accumulated in %s, fp32 master weights in %s, clip: %s)", z["stage"], "offload_optimizer" in z,
+                     "offload_param" in z, self.deepspeed_config["bf16"]["enabled"],
+                     self.deepspeed_config["communication_data_type"], type(engine.optimizer).__name__,
                      self.deepspeed_config["gradient_clipping"])
 
 

@@ -9,7 +9,7 @@ import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 
-from tread_scale.parallel.params import full_state_dict, gather_full, local_piece, piece_of_full
+from tread_scale.trainer.backends.master import MasterWeights, master_state_dict, master_weights
 from tread_scale.trainer.model import dit_of
 
 log = logging.getLogger(__name__)
@@ -18,12 +18,16 @@ log = logging.getLogger(__name__)
 class EMA(Callback):
     """Shadow copy ``θ_ema ← decay·θ_ema + (1 − decay)·θ`` after every optimizer step (spec §4.2).
 
-    Only parameters with ``requires_grad`` are averaged (the fixed positional table is a buffer). The
-    shadow is kept in fp32 and **sharded exactly like the parameters**: a DTensor under FSDP2, the rank's flat
-    partition under DeepSpeed ZeRO-3, a full copy otherwise. Its memory is therefore one extra copy of
-    each rank's parameter shard (4 bytes per local parameter element in fp32), and the update is a local
-    ``lerp`` with no communication. Full tensors are gathered only to save a non-sharded checkpoint,
-    export weights or sample.
+    ``θ`` is the **fp32 master copy** the optimizer updates, under every backend and precision
+    (:mod:`tread_scale.trainer.backends.master`): the module's parameters under DDP, FSDP2's fp32 shards
+    (whatever its ``mixed_precision`` policy gathers for compute), and under DeepSpeed the ZeRO optimizer's
+    fp32 partition, not the bf16 parameters its bf16 mode computes with. Only parameters with
+    ``requires_grad`` are averaged (the fixed positional table is a buffer).
+
+    The shadow is kept in fp32 and **sharded like the master weights**: a DTensor under FSDP2, the rank's
+    fragment of the flat fp32 partition under DeepSpeed ZeRO-1/2/3, a full copy under DDP. Its memory is
+    therefore one extra fp32 copy of each rank's master shard, and the update is a local ``lerp`` with no
+    communication. Full tensors are gathered only to save a non-sharded checkpoint, export weights or sample.
 
     Args:
         decay: EMA decay per step (0.9999 in the reference; constant, no warm-up).
@@ -32,30 +36,32 @@ class EMA(Callback):
     def __init__(self, decay: float = 0.9999) -> None:
         self.decay = float(decay)
         self.shadow: dict[str, torch.Tensor] | None = None
-        self._params: dict[str, torch.Tensor] = {}
+        self._master: MasterWeights | None = None
         self._sharded_checkpoint = False
 
-    def _trainable(self, state: State) -> dict[str, torch.Tensor]:
-        return {n: p for n, p in dit_of(state.model).named_parameters() if p.requires_grad}
+    def _prepare(self, state: State) -> None:
+        params = {n: p for n, p in dit_of(state.model).named_parameters() if p.requires_grad}
+        self._master = master_weights(state.model, params)
 
     def before_load(self, state: State, logger: Logger) -> None:
-        # after the model is wrapped/sharded and before a checkpoint is loaded into the shadow
-        self._params = self._trainable(state)
+        # after the model is wrapped/sharded (and a DeepSpeed engine built), before a checkpoint is loaded
+        self._prepare(state)
         self._sharded_checkpoint = bool(getattr(state, "fsdp_sharded_state_dict_enabled", False))
         if self.shadow is None:
-            self.shadow = {n: local_piece(p).float().clone() for n, p in self._params.items()}
+            self.shadow = {n: t.float().clone() for n, t in self._master.local().items()}
 
     def fit_start(self, state: State, logger: Logger) -> None:
         if self.shadow is None:
             self.before_load(state, logger)
-        self._params = self._trainable(state)
+        self._prepare(state)
 
     def batch_end(self, state: State, logger: Logger) -> None:
         if self.shadow is None:
             return
         with torch.no_grad():
             names = list(self.shadow)
-            torch._foreach_lerp_([self.shadow[n] for n in names], [local_piece(self._params[n]).float() for n in names],
+            master = self._master.local()  # fresh views: a checkpoint load may rebuild DeepSpeed's mapping
+            torch._foreach_lerp_([self.shadow[n] for n in names], [master[n].float() for n in names],
                                  1.0 - self.decay)
 
     def state_dict(self) -> dict[str, Any]:
@@ -63,8 +69,7 @@ class EMA(Callback):
             return {"decay": self.decay, "shadow": {}}
         if self._sharded_checkpoint:  # DCP saves and loads DTensors shard by shard, in place
             return {"decay": self.decay, "shadow": self.shadow}
-        return {"decay": self.decay,
-                "shadow": {n: gather_full(self._params[n], t) for n, t in self.shadow.items()}}
+        return {"decay": self.decay, "shadow": {n: self._master.gather(n, t) for n, t in self.shadow.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         loaded = state.get("shadow") or {}
@@ -77,15 +82,10 @@ class EMA(Callback):
             raise RuntimeError(f"EMA state in the checkpoint lacks parameters {sorted(missing)[:5]}")
         with torch.no_grad():
             for n, t in self.shadow.items():
-                src = loaded[n]
-                if src is t:
-                    continue
-                if type(src) is type(t) and src.shape == t.shape:
-                    t.copy_(src.to(t.device, t.dtype))
-                else:
-                    t.copy_(piece_of_full(self._params[n], t, src))
+                if loaded[n] is not t:
+                    t.copy_(self._master.piece_of(n, loaded[n]))
         log.info("EMA restored from checkpoint (%d tensors)", len(self.shadow))
 
     def full_state_dict(self, state: State) -> dict[str, torch.Tensor]:
-        """The DiT's full state dict on CPU with EMA values for the averaged parameters (collective)."""
-        return full_state_dict(dit_of(state.model), self.shadow)
+        """The DiT's full state dict on CPU, fp32 EMA values for the averaged parameters (collective)."""
+        return master_state_dict(state.model, dit_of(state.model), self.shadow)

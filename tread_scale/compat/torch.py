@@ -1,0 +1,47 @@
+"""Everything tread_scale changes inside PyTorch 2.7.0's distributed internals, as named functions.
+
+* :func:`average_fsdp2_gradients_on_gloo`: FSDP2 (``torch.distributed.fsdp._fully_shard._fsdp_collectives``)
+  averages fp32/bf16 gradients by passing ``ReduceOp.AVG`` to ``reduce_scatter_tensor`` (it leaves the
+  division to NCCL). Gloo has no AVG: its ``all_reduce`` refuses it, but its ``reduce_scatter_tensor``
+  silently **sums**, so on a CPU (gloo) process group FSDP2's gradients are ``world_size`` times DDP's.
+  Adam hides most of a constant factor, but not all of it: every gradient entry below Adam's ``eps``
+  moves ``world_size`` times further (with adaLN-Zero's near-zero initial gradients, 2-rank FSDP2 on CPU
+  ended 20 steps 16% of the distance trained away from DDP, in fp32), and gradient clipping, weight decay
+  and any gradient norm see the wrong scale. Here, for a gloo group, FSDP2 takes the path upstream uses
+  for fp16: divide by the world size around a ``SUM`` (``_get_gradient_divide_factors``), exact for
+  power-of-two worlds. NCCL groups keep upstream's path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+WRITTEN_FOR = "2.7.0"
+if torch.__version__.split("+")[0] != WRITTEN_FOR:
+    raise ImportError(f"tread_scale.compat.torch was written for PyTorch {WRITTEN_FOR}, but {torch.__version__} is "
+                      "installed: install the pinned version (requirements.lock) or re-check whether FSDP2 still "
+                      "relies on ReduceOp.AVG with gloo")
+
+_fixed = {"fsdp2_gloo_average": False}
+
+
+def average_fsdp2_gradients_on_gloo() -> None:
+    """Make FSDP2 average (not sum) gradients on gloo process groups (idempotent); see the module docstring."""
+    if _fixed["fsdp2_gloo_average"]:
+        return
+    import torch.distributed as dist
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+
+    upstream = _fsdp_collectives._get_gradient_divide_factors
+
+    def _get_gradient_divide_factors(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type=""):
+        if dist.get_backend(reduce_scatter_group) == "gloo":
+            # upstream's fp16 path (explicit SUM between a pre- and a post-division), for every dtype
+            return upstream(reduce_scatter_group, all_reduce_group, torch.float16, device_type)
+        return upstream(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type)
+
+    _fsdp_collectives._get_gradient_divide_factors = _get_gradient_divide_factors
+    _fixed["fsdp2_gloo_average"] = True
+
+
+__all__ = ["WRITTEN_FOR", "average_fsdp2_gradients_on_gloo"]
