@@ -74,3 +74,28 @@ def test_import_refuses_pickled_code(tmp_path):
     torch.save(torch.nn.Linear(2, 2), tmp_path / "model.pt")
     with pytest.raises(CheckpointError, match="refusing to unpickle code"):
         import_facebook_dit(tmp_path / "model.pt", tmp_path / "o.safetensors", "DiT-S/2")
+
+
+class _NotAllowed:
+    """A class of the test module: unpickling it would need a full (code-running) unpickle."""
+
+
+def test_training_checkpoint_with_another_class_is_refused_by_name(tmp_path):
+    import argparse
+
+    state = {"final_layer.linear.weight": torch.zeros(2, 2)}
+    torch.save({"model": state, "ema": state, "opt": {"state": {}, "param_groups": []},
+                "args": argparse.Namespace(model="DiT-S/2"), "extra": _NotAllowed()}, tmp_path / "0000100.pt")
+    with pytest.raises(CheckpointError, match=r"it holds tests\.test_export\._NotAllowed, .*refusing to unpickle code"):
+        import_facebook_dit(tmp_path / "0000100.pt", tmp_path / "o.safetensors", "DiT-S/2")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_weights_choice_is_checked(tmp_path):
+    state = {"final_layer.linear.weight": torch.zeros(2, 2)}
+    torch.save(state, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="plain state dict .* 'model' applies to training checkpoints only"):
+        import_facebook_dit(tmp_path / "plain.pt", tmp_path / "o.safetensors", "DiT-S/2", weights="model")
+    torch.save({"model": state}, tmp_path / "no_ema.pt")
+    with pytest.raises(CheckpointError, match="has no 'ema' state dict \\(its keys: model\\)"):
+        import_facebook_dit(tmp_path / "no_ema.pt", tmp_path / "o.safetensors", "DiT-S/2")

@@ -12,8 +12,11 @@ Routing is training-only, so a TREAD model exports as a plain DiT. What does not
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -68,10 +71,20 @@ def to_diffusers_state(state: dict[str, torch.Tensor], depth: int) -> dict[str, 
 
 
 def export_diffusers(weights: str | Path, out_dir: str | Path) -> Path:
-    """Write a ``DiTTransformer2DModel`` folder (config + safetensors) from exported EMA weights."""
+    """Write a ``DiTTransformer2DModel`` folder (config + safetensors) from exported EMA weights.
+
+    Raises:
+        CheckpointError: If the weights are not a DiT's (an MMDiT has no counterpart in that layout).
+    """
     from diffusers import DiTTransformer2DModel
 
     state, meta = load_weights_and_meta(weights)
+    if meta.model_config().model_family() != "dit":
+        raise CheckpointError(
+            f"{weights} holds a text-to-image MMDiT; export writes diffusers' class-conditional DiT layout "
+            "(DiTTransformer2DModel: one token stream, class-label adaLN), which has no text stream, joint "
+            "attention or pooled-text conditioning to hold it. Use the .safetensors file itself (tread-scale "
+            "sample, model.init_from)")
     config = _diffusers_config(meta)
     model = DiTTransformer2DModel(**config)
     mapped = to_diffusers_state(state, config["num_layers"])
@@ -96,16 +109,92 @@ def load_diffusers(path: str | Path):
     return model.eval()
 
 
-def import_facebook_dit(checkpoint: str | Path, out: str | Path, model_name: str, num_classes: int = 1000,
-                        input_size: int = 32, in_channels: int = 4) -> Path:
-    """Convert a facebookresearch/DiT checkpoint (a state dict, or a training checkpoint with ``ema``) to our
-    safetensors format, as the starting point of a fine-tune (``model.init_from``).
+#: What a facebookresearch/DiT training checkpoint holds besides tensors and plain containers: its
+#: ``args`` (train.py saves ``{"model", "ema", "opt", "args"}``). Allowed for the duration of the load only.
+DIT_CHECKPOINT_GLOBALS = (argparse.Namespace,)
+#: Which weights of a training checkpoint can be imported.
+DIT_WEIGHTS = ("ema", "model")
 
-    A ``learn_sigma`` variance head is dropped (only the mean prediction is kept). DiT was trained with
-    DDPM timesteps, so fine-tune under our objective before sampling with it.
+
+def read_dit_checkpoint(path: Path) -> object:
+    """``torch.load(weights_only=True)`` of a facebookresearch/DiT file, also allowing the ``argparse.Namespace``
+    of a training checkpoint's ``args`` (and nothing else).
 
     Raises:
-        CheckpointError: If the file is not a plain tensor checkpoint or does not fit ``model_name``.
+        CheckpointError: If the file needs any other class (or code) to unpickle, naming it, or is unreadable.
+    """
+    try:
+        with torch.serialization.safe_globals(list(DIT_CHECKPOINT_GLOBALS)):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"it holds {found.group(1)}, which" if found else "it holds something that"
+        raise CheckpointError(f"{path}: not a plain tensor checkpoint: {what} only a full unpickle could build; "
+                              "refusing to unpickle code (allowed: tensors, plain containers and the "
+                              "argparse.Namespace 'args' of a facebookresearch/DiT training checkpoint)") from None
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e}); refusing to "
+                              "unpickle code") from None
+
+
+def dit_state_dict(obj: object, path: Path, weights: str = "ema", expect: dict | None = None) -> dict:
+    """The state dict to import from what :func:`read_dit_checkpoint` returned.
+
+    A training checkpoint (``{"model", "ema", "opt", "args"}``) gives its ``weights`` entry (EMA by default,
+    as DiT's own ``sample.py``); a plain state dict (the released DiT checkpoints, which are EMA weights) is
+    returned as it is. A training checkpoint's ``args`` are checked against ``expect`` (``model``,
+    ``num_classes``, ``image_size``) where both have the value.
+
+    Raises:
+        CheckpointError: If ``weights`` is not one of :data:`DIT_WEIGHTS`, the checkpoint lacks it, ``model``
+            was asked of a plain state dict, or the checkpoint's ``args`` disagree with ``expect``.
+    """
+    if weights not in DIT_WEIGHTS:
+        raise CheckpointError(f"{path}: cannot import '{weights}' weights; choose one of {', '.join(DIT_WEIGHTS)}")
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict or a DiT training checkpoint (a dict with "
+                              f"'ema'/'model'), found {type(obj).__name__}")
+    if not any(k in obj for k in DIT_WEIGHTS):  # a plain state dict
+        if weights != "ema":
+            raise CheckpointError(f"{path} is a plain state dict (one set of weights; the released DiT checkpoints "
+                                  f"are EMA weights), not a training checkpoint: '{weights}' applies to training "
+                                  "checkpoints only")
+        return obj
+    if not isinstance(obj.get(weights), dict):
+        raise CheckpointError(f"{path}: this training checkpoint has no '{weights}' state dict (its keys: "
+                              f"{', '.join(map(str, obj))})")
+    args = obj.get("args")
+    if isinstance(args, argparse.Namespace):
+        for key, want in (expect or {}).items():
+            have = getattr(args, key, None)
+            if have is not None and want is not None and have != want:
+                raise CheckpointError(f"{path} was trained with {key}={have!r} (its args.{key}), not {want!r}")
+    log.info("%s: importing the '%s' weights of a DiT training checkpoint", path, weights)
+    return obj[weights]
+
+
+def import_facebook_dit(checkpoint: str | Path, out: str | Path, model_name: str, num_classes: int = 1000,
+                        input_size: int = 32, in_channels: int = 4, weights: str = "ema") -> Path:
+    """Convert a facebookresearch/DiT checkpoint (a state dict, or a training checkpoint
+    ``{"model", "ema", "opt", "args"}``) to our safetensors format, as the starting point of a fine-tune
+    (``model.init_from``).
+
+    Only tensors, plain containers and a training checkpoint's ``argparse.Namespace`` are unpickled. A
+    ``learn_sigma`` variance head is dropped (only the mean prediction is kept). DiT was trained with DDPM
+    timesteps, so fine-tune under our objective before sampling with it.
+
+    Args:
+        checkpoint: The DiT ``.pt`` file.
+        out: The ``.safetensors`` to write.
+        model_name: Registry name, e.g. ``DiT-XL/2``.
+        num_classes: Classes of the checkpoint.
+        input_size: Latent side (image size / 8).
+        in_channels: Latent channels.
+        weights: ``ema`` (default) or ``model``: which weights of a training checkpoint to import.
+
+    Raises:
+        CheckpointError: If the file needs code to unpickle, lacks the weights asked for, or does not fit
+            ``model_name``.
     """
     from tread_scale.config import ModelConfig, RoutingConfig, to_dict
     from tread_scale.factory import build_dit
@@ -113,18 +202,17 @@ def import_facebook_dit(checkpoint: str | Path, out: str | Path, model_name: str
     p = Path(checkpoint)
     if not p.is_file():
         raise CheckpointError(f"DiT checkpoint {str(p)!r} not found")
-    try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - anything that needs unpickling code lands here
-        raise CheckpointError(f"{p}: not a plain tensor checkpoint ({type(e).__name__}); refusing to unpickle code") \
-            from None
-    state = obj.get("ema", obj.get("model", obj)) if isinstance(obj, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{p}: expected a state dict (or a dict with 'ema'/'model')")
+    obj = read_dit_checkpoint(p)
+    training = isinstance(obj, dict) and any(k in obj for k in DIT_WEIGHTS)
+    state = dit_state_dict(obj, p, weights, {"model": model_name, "num_classes": num_classes,
+                                              "image_size": input_size * 8})
     cfg = ModelConfig(name=model_name, num_classes=num_classes, input_size=input_size, in_channels=in_channels)
     net = build_dit(cfg)
     size, patch = cfg.size()
-    w = state["final_layer.linear.weight"]
+    w = state.get("final_layer.linear.weight")
+    if not isinstance(w, torch.Tensor):
+        raise CheckpointError(f"{p} does not fit {model_name}: no tensor 'final_layer.linear.weight' (not a DiT "
+                              "state dict)")
     out_values = w.shape[0] // (patch * patch)
     if out_values == 2 * in_channels:  # learn_sigma: (p, p, 2C) rows; keep the first C (the mean)
         keep = torch.arange(patch * patch * 2 * in_channels).view(patch * patch, 2 * in_channels)[:, :in_channels]
@@ -141,5 +229,6 @@ def import_facebook_dit(checkpoint: str | Path, out: str | Path, model_name: str
                        objective={"kind": "edm", "sigma_data": 0.5},
                        data=DataFacts(latent_shape=[in_channels, input_size, input_size], num_classes=num_classes,
                                       vae="sd-vae", scaling_factor=0.18215),
-                       source=f"facebookresearch/DiT {p.name}", step=0, ema=True)
+                       source=f"facebookresearch/DiT {p.name}" + (f" ({weights})" if training else ""),
+                       step=0, ema=weights == "ema")
     return save_weights(out, net.state_dict(), meta)

@@ -34,6 +34,9 @@ class DataFacts:
         vae: Identifier of the VAE whose latents the network models, or ``none`` for pixel space.
         scaling_factor: Factor the latents were multiplied by (``None`` when not recorded).
         class_names: Names of the classes, by label, if known.
+        text: A captioned dataset's ``text`` section (:class:`~tread_scale.data.metadata.TextMetadata` as a
+            mapping: encoders with their content hashes, ``seq_len``, widths, ``max_length``); ``None`` for
+            data without captions (and then left out of the file).
     """
 
     latent_shape: list[int]
@@ -41,6 +44,16 @@ class DataFacts:
     vae: str = "none"
     scaling_factor: float | None = None
     class_names: list[str] | None = None
+    text: dict[str, Any] | None = None
+
+    def text_metadata(self):
+        """The recorded ``text`` section as a :class:`~tread_scale.data.metadata.TextMetadata`, or ``None``."""
+        from tread_scale.data.metadata import TextMetadata
+
+        if self.text is None:
+            return None
+        known = {f.name for f in dataclasses.fields(TextMetadata)}
+        return TextMetadata(**{k: v for k, v in self.text.items() if k in known})
 
 
 @dataclass
@@ -61,6 +74,11 @@ class WeightsMeta:
         source: Where imported weights came from (e.g. a facebookresearch/DiT checkpoint).
         step: Training batch the weights are from.
         ema: Whether these are EMA weights (``False``: raw weights of a run without EMA).
+        text: The run's ``text`` section (``t5``/``clip``: local encoder folders, absolute paths) of a
+            text-conditioned model, so ``tread-scale sample --prompt`` finds its encoders; ``None`` otherwise.
+        train_wall_s: Training wall-clock seconds up to ``step`` (Composer's ``timestamp.total_wct``: the sum
+            of batch times, in-training evaluation excluded, continued across resumes); ``None`` if not
+            recorded (files exported before it was).
         extra: Other keys, kept as they are.
     """
 
@@ -72,19 +90,24 @@ class WeightsMeta:
     source: str | None = None
     step: int | None = None
     ema: bool | None = None
+    text: dict[str, str | None] | None = None
+    train_wall_s: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _OPTIONAL = ("run_name", "source", "step", "ema")
+    _OPTIONAL = ("run_name", "source", "step", "ema", "text", "train_wall_s")
 
     @classmethod
     def from_run(cls, cfg: RunConfig, data: LatentMetadata) -> WeightsMeta:
         """The metadata of weights trained by the run ``cfg`` on the dataset described by ``data``."""
         from tread_scale.config import to_dict
 
+        text_model = cfg.model.model_family() == "mmdit" and data.text is not None
+        encoders = {k: str(Path(v).resolve()) if v else None for k, v in to_dict(cfg.text).items()}
         return cls(model=to_dict(cfg.model), routing=to_dict(cfg.routing), objective=to_dict(cfg.objective),
                    data=DataFacts(latent_shape=list(data.latent_shape), num_classes=data.num_classes, vae=data.vae,
-                                  scaling_factor=data.scaling_factor, class_names=data.class_names),
-                   run_name=cfg.run_name)
+                                  scaling_factor=data.scaling_factor, class_names=data.class_names,
+                                  text=dataclasses.asdict(data.text) if text_model else None),
+                   run_name=cfg.run_name, text=encoders if text_model else None)
 
     @classmethod
     def from_dict(cls, meta: Mapping[str, Any], where: str = "weights") -> WeightsMeta:
@@ -106,7 +129,7 @@ class WeightsMeta:
                                   "tread_scale, or damaged)")
         facts = DataFacts(latent_shape=[int(v) for v in data["latent_shape"]], num_classes=int(data["num_classes"]),
                           vae=data.get("vae", "none"), scaling_factor=data.get("scaling_factor"),
-                          class_names=data.get("class_names"))
+                          class_names=data.get("class_names"), text=data.get("text"))
         known = {"model", "objective", "data", "routing", *cls._OPTIONAL}
         return cls(model=dict(meta["model"]), objective=dict(meta["objective"]), data=facts,
                    routing=dict(meta.get("routing") or {}), extra={k: v for k, v in meta.items() if k not in known},
@@ -116,12 +139,15 @@ class WeightsMeta:
         """The JSON-able mapping stored in the file (the inverse of :meth:`from_dict`)."""
         out: dict[str, Any] = {**self.extra, "model": self.model, "routing": self.routing,
                                "objective": self.objective, "data": dataclasses.asdict(self.data)}
+        if self.data.text is None:
+            del out["data"]["text"]  # files of class-conditional models keep exactly their former metadata
         out.update({k: getattr(self, k) for k in self._OPTIONAL if getattr(self, k) is not None})
         return out
 
-    def at_step(self, step: int, ema: bool) -> WeightsMeta:
-        """A copy for the weights of batch ``step`` (``ema``: whether they are EMA weights)."""
-        return dataclasses.replace(self, step=step, ema=ema)
+    def at_step(self, step: int, ema: bool, train_wall_s: float | None = None) -> WeightsMeta:
+        """A copy for the weights of batch ``step`` (``ema``: whether they are EMA weights), trained for
+        ``train_wall_s`` wall-clock seconds."""
+        return dataclasses.replace(self, step=step, ema=ema, train_wall_s=train_wall_s)
 
     @property
     def objective_kind(self) -> str:
@@ -194,6 +220,40 @@ def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
     return path
 
 
+def _checked_path(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, if it is an existing ``.safetensors`` file.
+
+    Raises:
+        CheckpointError: If the file is missing or not safetensors (pickles are refused).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"weights file {str(p)!r} does not exist")
+    if p.suffix != ".safetensors":
+        raise CheckpointError(f"{p}: only .safetensors weight files are loaded (pickled .pt/.ckpt files can run "
+                              "arbitrary code); export EMA weights with the training run's ema/ folder")
+    return p
+
+
+def _stored_meta(p: Path) -> dict[str, Any]:
+    """The JSON metadata in the header of the safetensors file ``p``.
+
+    Raises:
+        CheckpointError: If the file is unreadable or lacks the metadata.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            raw_meta = (f.metadata() or {}).get(META_KEY)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from None
+    if raw_meta is None:
+        raise CheckpointError(f"{p}: no '{META_KEY}' metadata; it was not written by tread_scale")
+    return json.loads(raw_meta)
+
+
 def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a file written by :func:`save_weights`.
 
@@ -204,23 +264,25 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         CheckpointError: If the file is missing, not safetensors (pickles are refused) or lacks the metadata.
     """
     from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
+    from safetensors.torch import load_file
 
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"weights file {str(p)!r} does not exist")
-    if p.suffix != ".safetensors":
-        raise CheckpointError(f"{p}: only .safetensors weight files are loaded (pickled .pt/.ckpt files can run "
-                              "arbitrary code); export EMA weights with the training run's ema/ folder")
+    p = _checked_path(path)
+    meta = _stored_meta(p)
     try:
-        with safe_open(str(p), framework="pt") as f:
-            raw_meta = (f.metadata() or {}).get(META_KEY)
         tensors = load_file(str(p))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from None
-    if raw_meta is None:
-        raise CheckpointError(f"{p}: no '{META_KEY}' metadata; it was not written by tread_scale")
-    return tensors, json.loads(raw_meta)
+    return tensors, meta
+
+
+def read_meta(path: str | os.PathLike) -> WeightsMeta:
+    """The metadata of a file written by :func:`save_weights`, reading only its header (not the tensors).
+
+    Raises:
+        CheckpointError: As :func:`load_weights_and_meta`.
+    """
+    p = _checked_path(path)
+    return WeightsMeta.from_dict(_stored_meta(p), str(p))
 
 
 def load_weights_and_meta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], WeightsMeta]:

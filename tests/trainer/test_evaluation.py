@@ -32,6 +32,10 @@ def test_fid_and_validation_loss_during_training_and_plot(latent_dataset, tmp_pa
     fids = [r for r in records if "fid" in r]
     vals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in fids] == [2, 4] and all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in fids)
+    # a random Inception and statistics without provenance: labelled, with the reasons
+    assert all(r["comparable_to_published"] is False for r in fids)
+    assert "not the standard pt_inception-2015-12-05" in fids[0]["comparable_reason"]
+    assert "no provenance" in fids[0]["comparable_reason"] and "4 samples" in fids[0]["comparable_reason"]
     assert [r["step"] for r in vals] == [2, 4] and set(vals[0]["val_loss_by_level"]) == {"0.1", "0.5", "1.0", "2.0"}
 
     dense = config_from_dict(tiny_run_cfg(latent_dataset, tmp_path / "dense", routing={"routes": []},
@@ -66,3 +70,13 @@ def test_fid_config_needs_its_files(tmp_path):
     with pytest.raises(ConfigError, match="evaluation.reference: '/nope.npz' does not exist"):
         config_from_dict(tiny_run_cfg("/d", tmp_path, evaluation={"fid_every": "10ba", "inception": __file__,
                                                                   "reference": "/nope.npz"}))
+
+
+def test_fid_monitor_needs_stored_reference_statistics(tmp_path):
+    from tread_scale.errors import ConfigError
+    from tread_scale.trainer.callbacks.evaluation import FIDMonitor
+
+    np.savez(tmp_path / "VIRTUAL_images_only.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(ConfigError, match="VIRTUAL_images_only.npz is an ADM reference batch without stored"):
+        FIDMonitor(lambda: None, None, "inception.pth", str(tmp_path / "VIRTUAL_images_only.npz"), "1ba", 4,
+                   sampler=None, num_classes=1, decode=None, eval_file=tmp_path / "eval.jsonl")

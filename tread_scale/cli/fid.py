@@ -1,12 +1,19 @@
-"""``tread-scale fid``: FID (and sFID, IS, precision/recall) of generated samples, across ranks."""
+"""``tread-scale fid``: FID (and sFID, IS, precision/recall) of generated samples, across ranks.
+
+Two modes: one weight file (or a run folder's ``ema/latest.safetensors``) gives one JSON result; a run folder
+with ``--every N``/``--all`` gives the FID curve of its exported checkpoints as JSON lines
+(:mod:`tread_scale.evaluation.curve`), resuming where a previous call stopped.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from tread_scale.cli.common import add_guidance_args, guidance_from_args
+from tread_scale.errors import ConfigError
 
 NAME = "fid"
 
@@ -14,7 +21,8 @@ NAME = "fid"
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``fid``."""
     p = sub.add_parser(NAME, help="FID (and sFID, IS, precision/recall) of generated samples, across ranks")
-    p.add_argument("weights", help="a .safetensors file written by training (ema/), or a run folder")
+    p.add_argument("weights", help="a .safetensors file written by training (ema/), or a run folder (its "
+                                   "ema/latest.safetensors; with --every/--all, its exported checkpoints)")
     p.add_argument("--inception", required=True, help="local FID Inception weights (.pth state dict or .safetensors)")
     ref = p.add_mutually_exclusive_group(required=True)
     ref.add_argument("--ref", help="reference statistics .npz (ADM format: mu, sigma)")
@@ -26,25 +34,60 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--extra", action="store_true",
                    help="also Inception Score, and precision/recall when the reference is data or images")
-    p.add_argument("--out", help="write the results as JSON here")
+    curve = p.add_mutually_exclusive_group()
+    curve.add_argument("--every", metavar="Nba",
+                       help="FID curve: evaluate the run folder's ema/ba<N>.safetensors at multiples of N batches "
+                            "(e.g. 10000ba), one JSON line each; checkpoints already in --out are skipped")
+    curve.add_argument("--all", action="store_true", help="FID curve of every exported checkpoint (as --every)")
+    p.add_argument("--out", help="write the results as JSON here; with --every/--all, the JSON-lines curve "
+                                 "(default: <run>/fid_curve.jsonl)")
     add_guidance_args(p)
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    """Evaluate on every rank of the launched process group (if any); rank 0 prints and writes the JSON."""
-    import json
+def _fid_kwargs(args: argparse.Namespace) -> dict:
+    return dict(inception=args.inception, ref=args.ref, ref_data=args.ref_data, ref_images=args.ref_images,
+                ref_num=args.ref_num, save_ref=args.save_ref, num=args.num, seed=args.seed, extra=args.extra,
+                steps=args.steps, guidance=guidance_from_args(args), vae=args.vae, batch_size=args.batch_size,
+                device=args.device)
 
-    from tread_scale.evaluation.fid import fid_of_weights
+
+def _check_curve_args(args: argparse.Namespace) -> int | None:
+    """``every`` in batches (``None`` for ``--all``), after checking the curve mode's arguments.
+
+    Raises:
+        ConfigError: If the positional is not a run folder or ``--out`` is not a ``.jsonl``.
+    """
+    from tread_scale.evaluation.curve import parse_every
+
+    every = parse_every(args.every) if args.every is not None else None
+    if not Path(args.weights).is_dir():
+        raise ConfigError(f"--every/--all evaluate the exported checkpoints of a run folder; {args.weights!r} is "
+                          "not a folder (for one weight file, leave out --every/--all)")
+    if args.out is not None and Path(args.out).suffix != ".jsonl":
+        raise ConfigError(f"--out {args.out!r}: with --every/--all the curve is written as JSON lines; give a "
+                          ".jsonl file")
+    return every
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate on every rank of the launched process group (if any); rank 0 prints and writes the results."""
     from tread_scale.parallel.process_group import launched_process_group
     from tread_scale.sampling import world
 
+    curve = args.every is not None or args.all
+    every = _check_curve_args(args) if curve else None
     with launched_process_group():
-        result = fid_of_weights(args.weights, args.inception, ref=args.ref, ref_data=args.ref_data,
-                                ref_images=args.ref_images, ref_num=args.ref_num, save_ref=args.save_ref,
-                                num=args.num, seed=args.seed, extra=args.extra, steps=args.steps,
-                                guidance=guidance_from_args(args), vae=args.vae, batch_size=args.batch_size,
-                                device=args.device)
+        if curve:
+            from tread_scale.evaluation.curve import fid_curve
+
+            for record in fid_curve(args.weights, args.out, every, **_fid_kwargs(args)):
+                sys.stdout.write(json.dumps(record) + "\n")
+            return 0
+        from tread_scale.evaluation.fid import fid_of_weights
+
+        kwargs = _fid_kwargs(args)
+        result = fid_of_weights(args.weights, kwargs.pop("inception"), **kwargs)
         if world()[0] == 0:
             text = json.dumps(result, indent=2)
             sys.stdout.write(text + "\n")

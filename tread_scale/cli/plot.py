@@ -12,7 +12,8 @@ log = logging.getLogger(__name__)
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``plot``."""
     p = sub.add_parser(NAME, help="loss and FID curves of runs against steps and wall-clock time (PNG)")
-    p.add_argument("runs", nargs="+", help="run folders (runs/<name>)")
+    p.add_argument("runs", nargs="+", help="run folders (runs/<name>; FID from its fid_curve.jsonl, else eval.jsonl) "
+                                           "or FID curve .jsonl files written by tread-scale fid --every")
     p.add_argument("--out", required=True, help="output .png")
     return p
 

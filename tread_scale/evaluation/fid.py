@@ -1,8 +1,10 @@
-"""FID of generated samples against reference statistics, across any number of ranks.
+"""FID, sFID, IS and precision/recall of generated samples against a reference, across any number of ranks.
 
-Reference statistics come from an ADM-style ``.npz`` (``mu``, ``sigma``), or are computed from an MDS
-dataset (latents decoded by the VAE, or pixel-space data) or an image folder, and can be saved for reuse.
-:func:`fid_of_weights` is the whole evaluation of a weight file (``tread-scale fid``).
+Reference statistics come from an ADM reference batch or another ``.npz`` in ADM's format (``mu``,
+``sigma``, ``mu_s``, ``sigma_s``), or are computed from an MDS dataset (pixel-space data, or latents decoded
+by the VAE: *reconstructions*, a different reference than ADM's) or an image folder, and can be saved for
+reuse. :func:`fid_of_weights` is the whole evaluation of a weight file (``tread-scale fid``); its result says
+whether it is comparable to published numbers (:func:`tread_scale.evaluation.reference.comparability`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import torch
 
 from tread_scale.diffusion.guidance import Guidance
 from tread_scale.errors import ConfigError, DatasetError
-from tread_scale.evaluation.inception import FEATURE_DIM, FIDInception
-from tread_scale.evaluation.metrics import (FeatureStats, ReferenceStats, frechet_distance, inception_score,
+from tread_scale.evaluation.inception import FEATURE_DIM, SPATIAL_DIM, FIDInception
+from tread_scale.evaluation.metrics import (IMAGES, IS_SPLIT_SIZE, PIXEL_DATA, UNKNOWN, VAE_RECONSTRUCTIONS,
+                                            FeatureStats, ReferenceStats, frechet_distance, inception_score,
                                             precision_recall)
 from tread_scale.sampling.generate import rank_indices, world
 
@@ -27,10 +30,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Features:
-    """Inception statistics of one image set, optionally with kept features for IS and precision/recall."""
+    """Inception statistics of one image set, optionally with kept features for IS and precision/recall.
+
+    Each rank adds the images ``rank, rank + W, …`` of the set (:func:`~tread_scale.sampling.rank_indices`);
+    :meth:`reduce` puts kept features back in image order, which the Inception Score's splits depend on.
+    """
 
     pool: FeatureStats = field(default_factory=lambda: FeatureStats(FEATURE_DIM))
-    spatial: FeatureStats | None = None
+    spatial: FeatureStats = field(default_factory=lambda: FeatureStats(SPATIAL_DIM))
     logits: list[torch.Tensor] = field(default_factory=list)
     kept_pool: list[torch.Tensor] = field(default_factory=list)
 
@@ -39,33 +46,42 @@ class Features:
         x = torch.from_numpy(np.ascontiguousarray(images_nhwc)).permute(0, 3, 1, 2).to(device)
         out = inception(x)
         self.pool.update(out["pool"])
-        if self.spatial is None:
-            self.spatial = FeatureStats(out["spatial"].shape[1])
         self.spatial.update(out["spatial"])
         if keep:
             self.logits.append(out["logits"].cpu())
             self.kept_pool.append(out["pool"].cpu())
 
     def reduce(self) -> Features:
-        """Combine the statistics (and kept features) of all ranks, in place; returns ``self``."""
+        """Combine the statistics (and kept features, in image order) of all ranks, in place; returns ``self``."""
         self.pool.all_reduce()
-        if self.spatial is not None:
-            self.spatial.all_reduce()
+        self.spatial.all_reduce()
         rank, world_size = world()
         if world_size > 1 and self.kept_pool:
             import torch.distributed as dist
 
             gathered = [None] * world_size
             dist.all_gather_object(gathered, (torch.cat(self.logits), torch.cat(self.kept_pool)))
-            self.logits = [g[0] for g in gathered]
-            self.kept_pool = [g[1] for g in gathered]
+            self.logits = [_interleave([g[0] for g in gathered])]
+            self.kept_pool = [_interleave([g[1] for g in gathered])]
         return self
 
-    def reference(self) -> ReferenceStats:
-        """These statistics as reference statistics (to compare against or save)."""
+    def reference(self, source: str = UNKNOWN, inception_sha256: str | None = None) -> ReferenceStats:
+        """These statistics as reference statistics (to compare against or save), with their provenance."""
         mu, sigma = self.pool.mean_cov()
-        mu_s, sigma_s = self.spatial.mean_cov() if self.spatial is not None else (None, None)
-        return ReferenceStats(mu, sigma, mu_s, sigma_s)
+        mu_s, sigma_s = self.spatial.mean_cov()
+        return ReferenceStats(mu, sigma, mu_s, sigma_s, source=source, inception_sha256=inception_sha256,
+                              num_images=self.pool.n)
+
+
+def _interleave(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Rank ``r`` held images ``r, r + W, …``: put the parts back in image order."""
+    world_size, n = len(parts), sum(len(t) for t in parts)
+    if any(len(t) != len(range(r, n, world_size)) for r, t in enumerate(parts)):
+        raise ValueError(f"ranks hold {[len(t) for t in parts]} images, not a strided split of {n}")
+    out = torch.empty((n, *parts[0].shape[1:]), dtype=parts[0].dtype)
+    for r, t in enumerate(parts):
+        out[r::world_size] = t
+    return out
 
 
 def dataset_images(root: str, cache: str | None, decode: Callable[[torch.Tensor], torch.Tensor] | None,
@@ -124,42 +140,65 @@ def features_of(batches: Iterator[np.ndarray], inception: FIDInception, device: 
     return feats.reduce()
 
 
-def scores(fake: Features, ref: ReferenceStats, real: Features | None = None, splits: int = 10) -> dict[str, float]:
-    """FID, sFID (when spatial statistics exist on both sides), IS and precision/recall (when kept)."""
+def scores(fake: Features, ref: ReferenceStats, real: Features | None = None, split_size: int = IS_SPLIT_SIZE,
+           device: str | torch.device | None = None) -> dict[str, float]:
+    """ADM's metrics: FID; sFID (when the reference has spatial statistics); IS and precision/recall (when kept).
+
+    Args:
+        fake: Features of the generated samples.
+        ref: Reference statistics.
+        real: Features of the reference images, with kept pool features for precision/recall.
+        split_size: Inception Score split size (ADM: 5000).
+        device: Where to compute precision/recall's distances.
+    """
     fmu, fsig = fake.pool.mean_cov()
     out = {"fid": frechet_distance(fmu, fsig, ref.mu, ref.sigma), "num_samples": fake.pool.n}
-    if fake.spatial is not None and ref.mu_s is not None:
+    if ref.mu_s is not None:
         smu, ssig = fake.spatial.mean_cov()
         out["sfid"] = frechet_distance(smu, ssig, ref.mu_s, ref.sigma_s)
     if fake.logits:
-        out["inception_score"], out["inception_score_std"] = inception_score(torch.cat(fake.logits), splits)
+        out["inception_score"], out["inception_score_std"] = inception_score(torch.cat(fake.logits), split_size)
     if real is not None and real.kept_pool and fake.kept_pool:
-        out["precision"], out["recall"] = precision_recall(torch.cat(real.kept_pool), torch.cat(fake.kept_pool))
+        out["precision"], out["recall"] = precision_recall(torch.cat(real.kept_pool), torch.cat(fake.kept_pool),
+                                                           device=device)
     return out
+
+
+def dataset_source(root: str) -> str:
+    """What reference statistics of the MDS dataset ``root`` describe: real pixels or VAE reconstructions."""
+    from tread_scale.data.metadata import read_metadata
+
+    return PIXEL_DATA if read_metadata(root).vae == "none" else VAE_RECONSTRUCTIONS
 
 
 def fid_of_weights(weights: str, inception: str, *, ref: str | None = None, ref_data: str | None = None,
                    ref_images: str | None = None, ref_num: int | None = None, save_ref: str | None = None,
                    num: int = 50000, seed: int = 0, extra: bool = False, steps: int | None = None,
                    guidance: Guidance | None = None, vae: str | None = None, batch_size: int = 64,
-                   device: str = "auto") -> dict[str, float]:
-    """FID (and sFID; with ``extra`` also IS and precision/recall) of samples of a weight file, across ranks.
+                   device: str = "auto") -> dict[str, float | int | bool | str]:
+    """ADM's metrics of samples of a weight file, across ranks: FID and sFID; with ``extra`` IS and precision/recall.
 
     Every rank of the process group (if any) generates and embeds its share of the samples; statistics are
     all-reduced, so every rank returns the same result, equal to a single-process run's. Exactly one of
-    ``ref``, ``ref_data`` and ``ref_images`` gives the reference.
+    ``ref``, ``ref_data`` and ``ref_images`` gives the reference. With an ADM reference batch (an ``.npz``
+    holding its images as ``arr_0``), FID and sFID use its stored statistics and precision/recall embed its
+    images, as ADM's suite does.
 
     Args:
         weights: A ``.safetensors`` weight file, or a run folder.
         inception: Local FID Inception weights (``.pth`` state dict or ``.safetensors``).
-        ref: Reference statistics ``.npz`` (ADM format: ``mu``, ``sigma``).
-        ref_data: An MDS dataset (folder or ``s3://``) to compute reference statistics from.
+        ref: Reference statistics ``.npz`` (ADM format: ``mu``, ``sigma``, ``mu_s``, ``sigma_s``; an ADM
+            reference batch also has ``arr_0``).
+        ref_data: An MDS dataset (folder or ``s3://``) to compute reference statistics from. Latent datasets
+            are decoded by the VAE: the reference is then VAE reconstructions, not real images, and the
+            result is labelled not comparable to published numbers.
         ref_images: An image folder to compute reference statistics from.
         ref_num: Use at most this many reference images.
-        save_ref: Write computed reference statistics here (rank 0).
+        save_ref: Write computed reference statistics (with their provenance) here (rank 0).
         num: Generated samples; sample ``i`` uses seed ``seed + i`` and a label drawn from it.
         seed: Seed of sample 0.
-        extra: Also the Inception Score, and precision/recall when the reference is data or images.
+        extra: Also the Inception Score, and precision/recall when reference images exist (data, an image
+            folder, or an ADM reference batch).
         steps: Sampler steps (default: 40 for EDM-Heun, 50 for RF-Euler).
         guidance: CFG / TREAD guidance, or ``None``.
         vae: Local VAE folder to decode latents (generated and ``ref_data``), or ``None``.
@@ -167,8 +206,8 @@ def fid_of_weights(weights: str, inception: str, *, ref: str | None = None, ref_
         device: ``auto``, ``cpu``, ``gpu``/``cuda`` or ``cuda:N``.
 
     Returns:
-        ``fid``, ``num_samples`` and, where computable, ``sfid``, ``inception_score(_std)``, ``precision``,
-        ``recall``.
+        ``fid``, ``num_samples``, ``comparable_to_published`` (bool), ``comparable_reason`` (why) and, where
+        computable, ``sfid``, ``inception_score(_std)``, ``precision``, ``recall``.
 
     Raises:
         ConfigError: If not exactly one reference is given, or the device is unavailable.
@@ -177,6 +216,7 @@ def fid_of_weights(weights: str, inception: str, *, ref: str | None = None, ref_
     """
     from tread_scale.devices import resolve_device
     from tread_scale.evaluation.inception import load_inception
+    from tread_scale.evaluation.reference import comparability, npz_images
     from tread_scale.sampling import SamplerSettings, default_steps, generate, load_net, make_decoder
 
     if sum(r is not None for r in (ref, ref_data, ref_images)) != 1:
@@ -185,25 +225,49 @@ def fid_of_weights(weights: str, inception: str, *, ref: str | None = None, ref_
     dev = resolve_device(device)
     net_inception = load_inception(inception, dev)
     net, meta = load_net(weights, dev)
+    if meta.data.text is not None:
+        raise ConfigError(f"{weights}: FID here samples class-conditional models (a label per seed); this is a "
+                          "text-conditioned model, whose FID needs a prompt set (e.g. COCO captions), not "
+                          "supported yet")
     decode = make_decoder(vae, meta.data.vae, dev)
+    rank, world_size = world()
     real = None
     if ref is not None:
         reference = ReferenceStats.load(ref)
+        if reference.has_images and (extra or reference.mu is None):
+            batches = npz_images(ref, batch_size, rank, world_size, ref_num)
+            real = features_of(batches, net_inception, dev, keep=extra)
+            if reference.mu is None:  # ADM computes the statistics from the images when none are stored
+                stored = reference
+                reference = real.reference(stored.source, net_inception.weights_sha256)
+                reference.path = stored.path
+                if save_ref and rank == 0:
+                    reference.save(save_ref)
     else:
         if ref_data is not None:
+            source = dataset_source(ref_data)
+            if source == VAE_RECONSTRUCTIONS:
+                log.warning("--ref-data %s holds latents: its reference statistics are of their VAE "
+                            "reconstructions, not of the real images (ADM's reference batches are real "
+                            "images); the result is not comparable to published numbers", ref_data)
             batches = dataset_images(ref_data, None, decode, dev, batch_size, ref_num)
         else:
+            source = IMAGES
             batches = folder_images(ref_images, net.input_size[0] * (8 if decode else 1), batch_size, ref_num)
         real = features_of(batches, net_inception, dev, keep=extra)
-        reference = real.reference()
-        if save_ref and world()[0] == 0:
+        reference = real.reference(source, net_inception.weights_sha256)
+        if save_ref and rank == 0:
             reference.save(save_ref)
     settings = SamplerSettings(meta.objective_kind, steps or default_steps(meta.objective_kind),
                                sigma_data=meta.sigma_data)
-    rank, world_size = world()
     fakes = (images for _, _, images, _ in generate(
         net, settings.objective, rank_indices(num, rank, world_size), seed=seed, num_classes=meta.num_classes,
         steps=settings.steps, guidance=guidance, edm=settings.edm(), device=dev, batch_size=batch_size,
         decode=decode))
     fake = features_of(fakes, net_inception, dev, keep=extra)
-    return scores(fake, reference, real)
+    result = scores(fake, reference, real, device=dev)
+    ok, why = comparability(net_inception.standard_weights, reference, result["num_samples"])
+    result["comparable_to_published"], result["comparable_reason"] = ok, why
+    if rank == 0:
+        log.info("evaluation %s", why)
+    return result

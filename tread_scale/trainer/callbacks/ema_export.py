@@ -59,7 +59,8 @@ class EMAExport(Callback):
         if dist.get_global_rank() != 0:
             return None
         step = int(state.timestamp.batch)
-        meta = self.meta.at_step(step, ema=self.ema is not None)
+        meta = self.meta.at_step(step, ema=self.ema is not None,
+                                 train_wall_s=round(state.timestamp.total_wct.total_seconds(), 3))
         path = save_weights(self.out_dir / f"ba{step:08d}.safetensors", weights, meta)
         latest = self.out_dir / "latest.safetensors"
         shutil.copyfile(path, latest.with_name("latest.safetensors.tmp"))

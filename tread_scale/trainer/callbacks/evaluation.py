@@ -14,6 +14,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
 
+from tread_scale.errors import ConfigError
 from tread_scale.models.dit import DiT
 from tread_scale.rng import mix_seed
 from tread_scale.sampling import SamplerSettings
@@ -33,7 +34,11 @@ class FIDMonitor(Callback):
     """Every ``interval``, FID of ``num_samples`` EMA samples (seeds ``0..k-1``) against reference statistics.
 
     Generation and Inception features are spread over all ranks (an unwrapped copy of the network per
-    rank); the result goes to the loggers as ``eval/fid`` and to ``<run>/eval.jsonl``.
+    rank); the result goes to the loggers as ``eval/fid`` (and ``eval/sfid`` when the reference has spatial
+    statistics) and to ``<run>/eval.jsonl``. Each record carries ``comparable_to_published`` and
+    ``comparable_reason`` (:func:`tread_scale.evaluation.reference.comparability`): an FID-5K is never
+    comparable to a published FID-50K, whatever the weights and reference. The loggers get the flag as
+    ``eval/comparable_to_published`` (1.0 / 0.0) and the reason once, as a hyperparameter.
 
     Args:
         make_net: Builds an unwrapped DiT of the trained architecture.
@@ -59,6 +64,10 @@ class FIDMonitor(Callback):
         self.ema = ema
         self.inception_path = inception_path
         self.reference = ReferenceStats.load(reference)
+        if self.reference.mu is None:
+            raise ConfigError(f"evaluation.reference: {reference} is an ADM reference batch without stored "
+                              "statistics (mu, sigma); compute them once with `tread-scale fid --ref "
+                              f"{reference} --save-ref stats.npz` and pass that file")
         self._due = create_interval_scheduler(interval, include_end_of_training=False, checkpoint_events=False)
         self.num_samples = num_samples
         self.sampler = sampler
@@ -67,6 +76,7 @@ class FIDMonitor(Callback):
         self.eval_file = Path(eval_file)
         self.batch_size = batch_size
         self._inception = None
+        self._reason_logged = False
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.BATCH_END and self._due(state, event):
@@ -75,8 +85,9 @@ class FIDMonitor(Callback):
     @torch.no_grad()
     def evaluate(self, state: State, logger: Logger) -> float:
         from tread_scale.evaluation.fid import features_of, scores
-        from tread_scale.sampling import generate, rank_indices
         from tread_scale.evaluation.inception import load_inception
+        from tread_scale.evaluation.reference import comparability
+        from tread_scale.sampling import generate, rank_indices
 
         t0 = time.time()
         net = self.net.load(state, weights_to_sample(state, self.ema))
@@ -89,22 +100,34 @@ class FIDMonitor(Callback):
             num_classes=self.num_classes, steps=self.sampler.steps, guidance=self.sampler.guidance(),
             edm=self.sampler.edm(), device=device, batch_size=self.batch_size, decode=self.decode))
         result = scores(features_of(batches, self._inception, device), self.reference)
+        comparable, reason = comparability(self._inception.standard_weights, self.reference, result["num_samples"])
         self.net.park()
         step = int(state.timestamp.batch)
-        logger.log_metrics({"eval/fid": result["fid"]})
+        metrics = {"eval/fid": result["fid"], "eval/comparable_to_published": float(comparable)}
+        if "sfid" in result:
+            metrics["eval/sfid"] = result["sfid"]
+        logger.log_metrics(metrics)
+        if not self._reason_logged:
+            logger.log_hyperparameters({"eval/comparable_reason": reason})
+            self._reason_logged = True
         if rank == 0:
-            _append(self.eval_file, {"step": step, "fid": result["fid"], "num_samples": self.num_samples,
-                                     "seconds": round(time.time() - t0, 1)})
-            log.info("FID-%d at batch %d: %.3f (%.0f s)", self.num_samples, step, result["fid"], time.time() - t0)
+            record = {"step": step, "fid": result["fid"], "num_samples": self.num_samples,
+                      "seconds": round(time.time() - t0, 1), "comparable_to_published": comparable,
+                      "comparable_reason": reason}
+            if "sfid" in result:
+                record["sfid"] = result["sfid"]
+            _append(self.eval_file, record)
+            log.info("FID-%d at batch %d: %.3f (%.0f s; %s)", self.num_samples, step, result["fid"],
+                     time.time() - t0, reason)
         return result["fid"]
 
 
 class ValidationLoss(Callback):
     """Every ``interval``, the loss of fixed samples at a fixed grid of noise levels, with fixed noise.
 
-    Low-variance by construction: the same latents, labels, noise and σ (or t) every time, the EMA weights,
-    no label dropout, no routing. Each rank takes its share of ``num_samples`` dataset samples; the mean
-    is all-reduced. Logged as ``val/loss`` and ``val/loss@<level>``, and to ``<run>/eval.jsonl``.
+    Low-variance by construction: the same latents, labels (or caption embeddings), noise and σ (or t) every
+    time, the EMA weights, no label dropout, no routing. Each rank takes its share of ``num_samples`` dataset
+    samples; the mean is all-reduced. Logged as ``val/loss`` and ``val/loss@<level>``, and to ``<run>/eval.jsonl``.
 
     Args:
         dataset: The training dataset (indexable).
@@ -141,7 +164,13 @@ class ValidationLoss(Callback):
             idx = list(range(rank, n, world_size))
             items = [self.dataset[i] for i in idx]
             x = torch.stack([it["latent"].float() for it in items])
-            y = torch.stack([it["label"] for it in items])
+            if "text_emb" in items[0]:  # a text-conditioned model: each sample's own caption embedding
+                from tread_scale.models.conditioning import BATCH_KEYS, TextCondition
+
+                y = TextCondition.from_batch({k: torch.stack([it[k] for it in items]) for k in BATCH_KEYS})
+                y = y.to(None, torch.float32)
+            else:
+                y = torch.stack([it["label"] for it in items])
             noise = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(mix_seed(0xE7A1, i)))
                                  for i in idx])
             self._batch = (x, y, noise)
