@@ -10,8 +10,9 @@ S3RVER := .cache/s3rver/node_modules/.bin/s3rver
 .PHONY: demo test test-quick venv s3rver bench docker-lint docker-check clean
 
 # Run the demo end to end: embedded S3 server, demo dataset as MDS, TREAD training on CPU, samples.
+# `make demo DEMO=text`: the text-to-image demo (captioned shapes, a tiny local T5, a TREAD MMDiT).
 demo: $(STAMP)
-	$(PY) -m tread_scale.devtools.demo
+	$(PY) -m tread_scale.devtools.demo $(if $(DEMO),--demo $(DEMO))
 
 # Run the test suite (starts its own s3rver on 127.0.0.1), then check that nothing was left in /dev/shm.
 test: $(STAMP) $(S3RVER)

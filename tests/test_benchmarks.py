@@ -22,6 +22,14 @@ def test_bench_step_prints_both_ratios():
     assert re.fullmatch(r"ours_vs_reference=[\d.]+", out[-3])
 
 
+def test_bench_step_times_an_mmdit_with_padded_text():
+    out = _run("benchmarks/bench_step.py", "--model", "MMDiT-T/2", "--depth", "6", "--input-size", "16",
+               "--text-len", "16", "--batch", "2", "--pairs", "2", "--warmup", "1")
+    assert out[0].startswith("model=MMDiT-T/2 depth=6 width=64 tokens=64 +16 text") and "route=2->2@0.5" in out[0]
+    m = re.fullmatch(r"measured_ratio=([\d.]+) flop_ratio=([\d.]+)", out[-1])
+    assert m and 0 < float(m.group(1)) < 2 and 0.5 < float(m.group(2)) < 1
+
+
 def test_bench_data_compares_mds_and_per_file_reads(tmp_path):
     last = _run("benchmarks/bench_data.py", "--samples", "600", "--batch", "64", "--workers", "0", "--passes", "1",
                 "--dir", str(tmp_path))[-1]

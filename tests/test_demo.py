@@ -1,4 +1,4 @@
-"""`make demo`'s job, shortened: moto server, demo data to S3 as MDS, TREAD training, sampling."""
+"""`make demo`'s jobs (class and text), shortened: moto server, demo data to S3 as MDS, TREAD training, sampling."""
 
 from tread_scale.devtools import demo
 
@@ -12,3 +12,18 @@ def test_demo_job_runs_end_to_end_on_moto(tmp_path, capsys):
     assert (run / "checkpoints" / "ep0-ba6-rank0.pt").is_file()
     assert (run / "final" / "grid.png").is_file() and (run / "ema" / "latest.safetensors").is_file()
     assert "6 batches" in out
+
+
+def test_text_demo_job_runs_end_to_end_on_moto(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("tread_scale.data.demo.DEMO_NUM_SAMPLES", 256)  # the job reads it at call time
+    monkeypatch.setattr(demo, "TEXT_ENCODERS", tmp_path / "encoders")
+    assert demo.main(["--demo", "text", f"output_dir={tmp_path}", "train.max_duration=4ba", "train.save_interval=2ba",
+                      "sampling.every=2ba", "sampling.num_images=4", "sampling.steps=2", "data.num_workers=0"]) == 0
+    out = capsys.readouterr().out
+    assert "tread_scale text-to-image demo finished" in out and "s3://tread-demo/shapes-captions  (256 captioned" in out
+    run = tmp_path / "mmdit-demo"
+    assert (run / "ema" / "latest.safetensors").is_file() and (run / "samples" / "ba00000002.png").is_file()
+    assert len((run / "samples" / "captions.txt").read_text().splitlines()) == 4
+    final = (run / "final" / "captions.txt").read_text().splitlines()
+    assert [line.split(": ", 1)[1] for line in final] == demo.DEMO_PROMPTS and (run / "final" / "grid.png").is_file()
+    assert "4 batches" in out

@@ -4,6 +4,7 @@ import pytest
 
 from tread_scale.config import RunConfig, apply_override, config_from_dict, dump_config, load_config, parse_override
 from tread_scale.errors import ConfigError
+from tread_scale.parallel.plan import dry_run
 
 from tests.conftest import REPO, tiny_run_cfg
 
@@ -51,6 +52,16 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_shipped_yamls_validate(name):
     cfg = load_config(REPO / "yamls" / name)
     assert isinstance(cfg, RunConfig)
+    assert "memory/rank" in dry_run(cfg, 8)  # builds the model (meta device) and plans it
+
+
+@pytest.mark.parametrize("name,world,routes", [("mmdit_2b_512.yaml", 64, [(0.5, 2, 20)]),
+                                               ("mmdit_8b_1024.yaml", 512, [(0.5, 2, 34)])])
+def test_mmdit_yamls_fit_the_cluster_they_state(name, world, routes):
+    cfg = load_config(REPO / "yamls" / name)
+    assert [(r.rate, r.start, r.end) for r in cfg.routing.routes] == routes  # i = 2, j = B - 4
+    report = dry_run(cfg, world, "80GB")
+    assert "fits" in report and "256 text tokens of width 4096" in report
 
 
 def test_paper_configs():

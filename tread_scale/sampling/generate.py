@@ -1,8 +1,9 @@
-"""Generating many samples: per-sample seeds and labels, any number of ranks, the same images.
+"""Generating many samples: per-sample seeds and conditions, any number of ranks, the same images.
 
-Sample ``i`` has seed ``seed + i`` and label ``mix(seed + i) mod classes`` (or a given label). Rank ``r``
-of ``W`` generates samples ``r, r + W, …`` in forward passes of exactly ``batch_size`` samples (the last
-one padded), so a sample's computation is the same whatever the world size.
+Sample ``i`` has seed ``seed + i`` and, for a class-conditional DiT, label ``mix(seed + i) mod classes`` (or
+a given label); for a text-conditioned MMDiT, prompt ``i mod n`` of a :class:`~tread_scale.sampling.prompts.
+PromptSet`. Rank ``r`` of ``W`` generates samples ``r, r + W, …`` in forward passes of exactly
+``batch_size`` samples (the last one padded), so a sample's computation is the same whatever the world size.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from torch import nn
 
 from tread_scale.diffusion.edm import EDM
 from tread_scale.diffusion.guidance import Guidance
+from tread_scale.errors import ConfigError
 from tread_scale.imaging import to_uint8
 from tread_scale.rng import mix_seed
+from tread_scale.sampling.prompts import PromptSet
 from tread_scale.sampling.sampler import sample_latents, seeded_noise
 
 LABEL_SALT = 0x1AB
@@ -36,6 +39,11 @@ def sample_label(seed: int, num_classes: int) -> int:
     return mix_seed(seed, LABEL_SALT) % num_classes
 
 
+def is_text_model(net: nn.Module) -> bool:
+    """Whether ``net`` is conditioned on text (an MMDiT) rather than on class labels."""
+    return hasattr(net, "set_null_condition")
+
+
 def rank_indices(n: int, rank: int, world_size: int) -> list[int]:
     """The samples of ``0..n-1`` that rank ``rank`` of ``world_size`` handles: ``rank, rank + W, …``."""
     return list(range(rank, n, world_size))
@@ -43,12 +51,12 @@ def rank_indices(n: int, rank: int, world_size: int) -> list[int]:
 
 def generate(net: nn.Module, objective: str, indices: list[int], *, seed: int, num_classes: int, steps: int,
              guidance: Guidance | None, edm: EDM, device: torch.device, batch_size: int,
-             decode: Callable[[torch.Tensor], torch.Tensor] | None = None, labels: list[int] | None = None
-             ) -> Iterator[tuple[list[int], torch.Tensor, np.ndarray, list[int]]]:
+             decode: Callable[[torch.Tensor], torch.Tensor] | None = None, labels: list[int] | None = None,
+             prompts: PromptSet | None = None) -> Iterator[tuple[list[int], torch.Tensor, np.ndarray, list[int]]]:
     """Generate the samples ``indices``, batch by batch.
 
     Args:
-        net: The DiT, on ``device``.
+        net: The DiT or MMDiT, on ``device``.
         objective: ``edm`` or ``rf``.
         indices: Sample numbers to generate (e.g. :func:`rank_indices`); sample ``i`` uses seed ``seed + i``.
         seed: Seed of sample 0.
@@ -59,21 +67,35 @@ def generate(net: nn.Module, objective: str, indices: list[int], *, seed: int, n
         device: Where to sample.
         batch_size: Samples per forward pass; the last batch is padded to it.
         decode: Latents → images in [-1, 1] (a VAE decoder), or ``None`` for pixel-space models.
-        labels: Sample ``i`` gets ``labels[i % len(labels)]``; ``None`` draws a label per seed.
+        labels: Sample ``i`` gets ``labels[i % len(labels)]``; ``None`` draws a label per seed (DiT only).
+        prompts: The prompts of a text-conditioned network (required for one): sample ``i`` gets prompt
+            ``i % len(prompts)``.
 
     Yields:
-        ``(indices, latents (CPU float32), images (uint8 NHWC), labels)`` of each batch.
+        ``(indices, latents (CPU float32), images (uint8 NHWC), conditions)`` of each batch; the conditions
+        are the labels, or for a text-conditioned network the prompt numbers.
+
+    Raises:
+        ConfigError: If a text-conditioned network gets labels or no prompts, or a DiT gets prompts.
     """
+    if is_text_model(net) and (prompts is None or labels):
+        raise ConfigError("a text-conditioned network samples from prompts, not class labels")
+    if prompts is not None and not is_text_model(net):
+        raise ConfigError("prompts apply to text-conditioned (MMDiT) networks; a DiT samples from class labels")
     shape = (net.in_channels, *net.input_size)
     for lo in range(0, len(indices), batch_size):
         idx = indices[lo: lo + batch_size]
         pad = batch_size - len(idx)
         run = idx + [idx[-1]] * pad
         seeds = [seed + i for i in run]
-        ys = [labels[i % len(labels)] if labels else sample_label(s, num_classes) for i, s in zip(run, seeds)]
+        if prompts is not None:
+            ys = [i % len(prompts) for i in run]
+            cond = prompts.for_samples(run, device)
+        else:
+            ys = [labels[i % len(labels)] if labels else sample_label(s, num_classes) for i, s in zip(run, seeds)]
+            cond = torch.tensor(ys, device=device)
         noise = seeded_noise(seeds, shape).to(device)
-        lat = sample_latents(net, objective, torch.tensor(ys, device=device), noise, steps, guidance, edm=edm,
-                             routing_seed=seeds)
+        lat = sample_latents(net, objective, cond, noise, steps, guidance, edm=edm, routing_seed=seeds)
         images = decode(lat) if decode is not None else lat
         keep = len(idx)
         yield idx, lat[:keep].float().cpu(), to_uint8(images[:keep]), ys[:keep]

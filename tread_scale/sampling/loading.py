@@ -1,4 +1,4 @@
-"""Networks and decoders for sampling: a DiT rebuilt from a weight file, initial weights, VAE decoders."""
+"""Networks and decoders for sampling: a DiT or MMDiT rebuilt from a weight file, initial weights, VAE decoders."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ def _load_state(net: nn.Module, weights: dict[str, torch.Tensor], mismatch: str)
 
 
 def load_net(path: str | os.PathLike, device: torch.device) -> tuple[nn.Module, WeightsMeta]:
-    """Rebuild the DiT (with its routes) that a weight file records, and load its weights.
+    """Rebuild the DiT or MMDiT (with its routes) that a weight file records, and load its weights.
+
+    An MMDiT's null condition (the empty prompt of its training data, for CFG) is part of the weights.
 
     Args:
         path: A ``.safetensors`` file written by training or ``import-dit``, or a run folder (its
@@ -37,10 +39,10 @@ def load_net(path: str | os.PathLike, device: torch.device) -> tuple[nn.Module, 
     Raises:
         CheckpointError: If the file is missing, unsafe, lacks metadata, or its tensors do not fit the model.
     """
-    from tread_scale.factory import build_dit
+    from tread_scale.factory import build_net
 
     weights, meta = load_weights_and_meta(resolve_weights(path))
-    net = build_dit(meta.model_config(), meta.routing_config().routes)
+    net = build_net(meta.model_config(), meta.routing_config().routes)
     _load_state(net, weights, f"{path}: weights do not match the recorded model")
     return net.to(device).eval(), meta
 

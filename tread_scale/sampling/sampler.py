@@ -1,4 +1,4 @@
-"""The sampling loop of a trained DiT: per-sample seeded noise, EDM-Heun or rectified-flow Euler, guidance.
+"""The sampling loop of a trained DiT or MMDiT: per-sample seeded noise, EDM-Heun or rectified-flow Euler, guidance.
 
 Noise and labels of sample ``i`` come from its own seed, so a result does not depend on the batch size,
 the device count or the order of generation.
@@ -7,6 +7,7 @@ the device count or the order of generation.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ def seeded_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
 def sample_latents(
     net: nn.Module,
     objective: str,
-    labels: torch.Tensor,
+    labels: torch.Tensor | Any,
     noise: torch.Tensor,
     steps: int,
     guidance: Guidance | None = None,
@@ -38,9 +39,10 @@ def sample_latents(
     """Generate latents with the network in eval mode.
 
     Args:
-        net: The DiT (routing applies only where guidance forces it).
+        net: The DiT or MMDiT (routing applies only where guidance forces it).
         objective: ``edm`` (Heun) or ``rf`` (Euler).
-        labels: ``(B,)`` class labels.
+        labels: ``(B,)`` class labels, or a batch-B :class:`~tread_scale.models.conditioning.TextCondition`
+            on the noise's device (the network's ``null_label``, the empty prompt, is the CFG branch).
         noise: ``(B, C, H, W)`` standard normal noise (see :func:`seeded_noise`).
         steps: Sampler steps.
         guidance: CFG / TREAD guidance; ``None`` for plain conditional sampling.

@@ -52,7 +52,7 @@ def build_trainer(cfg: RunConfig):
     meta = prepare_data_access(cfg)  # before any collective, so a bad dataset fails fast on every rank
     run = start_run(cfg)
     loader = build_dataloader(cfg, meta, run.batch)
-    model, optimizer = build_model(cfg, run.device)
+    model, optimizer = build_model(cfg, run.device, meta)
     algorithms = build_algorithms(cfg)
     callbacks = build_callbacks(cfg, run, meta, loader.dataset)
     checkpointing = build_checkpointing(cfg, run.rank)

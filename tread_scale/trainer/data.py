@@ -23,9 +23,38 @@ def prepare_data_access(cfg: RunConfig) -> LatentMetadata:
     if s3.is_s3(cfg.checkpoint_folder()):
         s3.check_s3_access(cfg.checkpoint_folder())
     meta = read_metadata(cfg.data.remote)
+    text_model = cfg.model.model_family() == "mmdit"
     check_against_model(meta, in_channels=cfg.model.in_channels, input_size=cfg.model.input_size,
-                        num_classes=cfg.model.num_classes, where=cfg.data.remote)
+                        num_classes=max(meta.num_classes, 1) if text_model else cfg.model.num_classes,
+                        where=cfg.data.remote)
+    if text_model:
+        adopt_text_widths(cfg, meta)
     return meta
+
+
+def adopt_text_widths(cfg: RunConfig, meta: LatentMetadata) -> None:
+    """A text-conditioned model takes the dataset's text widths (``model.text_dim``/``pooled_dim``/``text_len``
+    left null) or must match them; the ``text`` section's encoders must be the dataset's.
+
+    Raises:
+        DatasetMismatchError: If the dataset has no captions or its widths differ from the model's.
+        ConfigError: If ``text.t5``/``text.clip`` are not the encoders the dataset was converted with.
+    """
+    from tread_scale.data.metadata import check_text_against_model, check_text_encoders
+    from tread_scale.errors import DatasetMismatchError
+
+    where = cfg.data.remote
+    if meta.text is None:
+        raise DatasetMismatchError(f"{where}: model {cfg.model.name or 'mmdit'} is text-conditioned but the dataset "
+                                   "has no text embeddings (convert it with `tread-scale convert captions`)")
+    seq_len, emb_dim, pooled_dim = meta.text.shape
+    m = cfg.model
+    m.text_dim = m.text_dim or emb_dim
+    m.pooled_dim = m.pooled_dim or pooled_dim
+    m.text_len = m.text_len or seq_len
+    check_text_against_model(meta, emb_dim=m.text_dim, pooled_dim=m.pooled_dim, where=where)
+    if cfg.text.t5 or cfg.text.clip:
+        check_text_encoders(meta, t5=cfg.text.t5, clip=cfg.text.clip, where=where)
 
 
 def build_dataloader(cfg: RunConfig, meta: LatentMetadata, batch_size: int) -> DataLoader:
@@ -48,9 +77,12 @@ def build_dataloader(cfg: RunConfig, meta: LatentMetadata, batch_size: int) -> D
     if d.cache_limit is not None and location["remote"] is None:
         log.warning("data.cache_limit is set for a dataset read in place; streaming may evict shards it cannot "
                     "download again (mosaicml/streaming#988). Ignoring cache_limit.")
+    text_model = cfg.model.model_family() == "mmdit"
     dataset = LatentStreamingDataset(
         latent_shape=tuple(meta.latent_shape),
-        num_classes=cfg.model.num_classes,
+        num_classes=max(meta.num_classes, 1) if text_model else cfg.model.num_classes,
+        text_shape=meta.text.shape if text_model else None,
+        captions=False,
         batched=True,
         split=d.split,
         batch_size=batch_size,

@@ -12,6 +12,7 @@ from torch import nn
 
 from tread_scale.diffusion.edm import EDM
 from tread_scale.diffusion.rectified_flow import RectifiedFlow
+from tread_scale.models.conditioning import TextCondition
 from tread_scale.models.dit import DiT
 from tread_scale.models.flops import model_flops
 from tread_scale.rng import mix_seed, sample_seeds
@@ -20,7 +21,8 @@ ROUTING_SALT = 0x7EAD
 
 
 class DiffusionModel(ComposerModel):
-    """Trains ``net`` with ``objective`` on batches ``{"latent", "label", "id"}``.
+    """Trains ``net`` with ``objective`` on batches ``{"latent", "label", "id"}`` (DiT) or
+    ``{"latent", "text_emb", "text_mask", "text_pooled", "id"}`` (MMDiT).
 
     ``forward`` returns the scalar stochastic loss of the batch; ``loss`` passes it through. Every random
     draw of a training sample (noise level, noise, label dropout, routed token subset) comes from its own
@@ -29,8 +31,10 @@ class DiffusionModel(ComposerModel):
     draws for its own samples, and a step's draws do not depend on the world size, the micro-batch split
     or whether the run was resumed.
 
+    Caption dropout (CFG) replaces a text condition by the network's ``null_label``, the empty prompt.
+
     Args:
-        net: The DiT.
+        net: The DiT or MMDiT.
         objective: :class:`EDM` or :class:`RectifiedFlow`.
         seed: Base seed of the training randomness.
     """
@@ -48,10 +52,11 @@ class DiffusionModel(ComposerModel):
         seeds = sample_seeds(self.seed, self.step, ids.tolist() if torch.is_tensor(ids) else ids)
         routing = [mix_seed(s, ROUTING_SALT) for s in seeds]
 
-        def net(x_in: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def net(x_in: torch.Tensor, t: torch.Tensor, y: Any) -> torch.Tensor:
             return self.net(x_in, t, y, routing_seed=routing)
 
-        return self.objective.training_loss(net, x, batch["label"], self.net.null_label, sample_seeds=seeds)
+        return self.objective.training_loss(net, x, condition_of(batch, x.device), self.net.null_label,
+                                            sample_seeds=seeds)
 
     def train_flops_per_sample(self) -> float:
         """Model FLOPs of one training sample (forward + backward = 3× forward), with the routes in use.
@@ -74,6 +79,14 @@ class DiffusionModel(ComposerModel):
 
     def get_metrics(self, is_train: bool = False) -> dict:
         return {}
+
+
+def condition_of(batch: dict[str, Any], device: torch.device) -> Any:
+    """The network's condition for a batch: a :class:`TextCondition` (float32) when the batch carries text
+    embeddings (an MMDiT dataset), else the ``(B,)`` labels."""
+    if "text_emb" in batch:
+        return TextCondition.from_batch(batch).to(device, torch.float32)
+    return batch["label"]
 
 
 class TrainStep(Callback):
@@ -99,7 +112,7 @@ def dit_of(model: nn.Module) -> nn.Module:
     return getattr(model, "net", model)
 
 
-def build_model(cfg, device: str) -> tuple[DiffusionModel, torch.optim.Optimizer]:
+def build_model(cfg, device: str, meta=None) -> tuple[DiffusionModel, torch.optim.Optimizer]:
     """The run's :class:`DiffusionModel` (same initial weights on every rank and run) and its AdamW.
 
     Args:
@@ -107,20 +120,28 @@ def build_model(cfg, device: str) -> tuple[DiffusionModel, torch.optim.Optimizer
         device: Composer's device name; fused AdamW is used on GPU, and on CPU for plain (DDP) parameters,
             where it is 9x the default loop (B/2: 53 vs 487 ms a step); CPU FSDP2 (DTensor) and DeepSpeed
             parameters keep the default.
+        meta: The dataset's facts; a text-conditioned model takes its empty prompt (read from ``data.remote``)
+            as its null condition, the target of caption dropout.
     """
     from composer.utils import reproducibility
 
-    from tread_scale.factory import build_dit, build_objective
+    from tread_scale.factory import build_net, build_objective
     from tread_scale.sampling import load_initial_weights
 
     reproducibility.seed_all(cfg.seed)  # identical initial weights on every rank and every run
-    net = build_dit(cfg.model)
+    net = build_net(cfg.model)
+    if cfg.model.init_from:
+        load_initial_weights(net, cfg.model.init_from)
+    if meta is not None and meta.text is not None and hasattr(net, "set_null_condition"):
+        # after init_from: this run's captions are dropped to the empty prompt of its own data's encoders
+        from tread_scale.data.metadata import read_empty_prompt
+
+        empty = read_empty_prompt(cfg.data.remote, meta)
+        net.set_null_condition(TextCondition.from_batch({k: v.unsqueeze(0) for k, v in empty.items()}))
     net.grad_checkpointing = cfg.parallelism.activation_checkpointing
     if cfg.train.compile:
         for block in net.blocks:
             block.compile(backend=cfg.train.compile_backend)
-    if cfg.model.init_from:
-        load_initial_weights(net, cfg.model.init_from)
     model = DiffusionModel(net, build_objective(cfg.objective), seed=cfg.seed)
     opt = cfg.optimizer
     fused = opt.fused if opt.fused is not None else (device == "gpu" or cfg.parallelism.backend == "ddp")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from tread_scale.data.metadata import LatentMetadata
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,7 +31,7 @@ def build_callbacks(cfg, run, meta: LatentMetadata, dataset) -> RunCallbacks:
         dataset: The training dataset (the validation loss reads held-out batches of it).
     """
     from tread_scale.data import object_store as s3
-    from tread_scale.factory import build_dit
+    from tread_scale.factory import build_net
     from tread_scale.sampling import SamplerSettings, make_decoder
     from tread_scale.trainer.callbacks.ema import EMA
     from tread_scale.trainer.callbacks.ema_export import EMAExport
@@ -40,7 +43,7 @@ def build_callbacks(cfg, run, meta: LatentMetadata, dataset) -> RunCallbacks:
     from tread_scale.weights import WeightsMeta
 
     def make_net():  # a fresh sampling network (EMA weights are copied into it)
-        return build_dit(cfg.model, cfg.routes, cfg.routing_seed)
+        return build_net(cfg.model, cfg.routes, cfg.routing_seed)
 
     ema = EMA(cfg.ema.decay) if cfg.ema.enabled else None
     ckpt = cfg.checkpoint_folder()
@@ -53,7 +56,7 @@ def build_callbacks(cfg, run, meta: LatentMetadata, dataset) -> RunCallbacks:
         sampler=SamplerSettings(cfg.objective.kind, cfg.sampling.steps, cfg.sampling.cfg_scale,
                                 cfg.objective.sigma_data),
         num_classes=meta.num_classes, num_images=cfg.sampling.num_images, seed=cfg.sampling.seed, decode=decode,
-        at_fit_end=cfg.sampling.at_fit_end,
+        at_fit_end=cfg.sampling.at_fit_end, prompts=grid_prompts(cfg, meta, run.rank),
     )
     metrics = MetricsLog(run.run_dir / "metrics.jsonl", interval=cfg.logging.metrics_interval,
                          peak_flops=cfg.logging.peak_flops)
@@ -66,6 +69,36 @@ def build_callbacks(cfg, run, meta: LatentMetadata, dataset) -> RunCallbacks:
         callbacks.append(SampleLedger(run.run_dir / "ledger"))
     callbacks.append(Preemption(cfg.train.preemption_flag, grace=cfg.train.preemption_grace))
     return RunCallbacks(callbacks, ema, export, grid)
+
+
+def grid_prompts(cfg, meta: LatentMetadata, rank: int):
+    """The prompts of a text-conditioned run's sample grids (``None`` for a DiT, and on ranks other than 0).
+
+    ``sampling.prompts`` encoded with the ``text`` section's encoders (checked against the dataset's), or
+    else the captions and stored embeddings of the dataset's first ``sampling.num_images`` samples. Read once,
+    at start, on rank 0 (the rank that samples).
+
+    Raises:
+        ConfigError: If prompts are set without encoders, or the encoders are not the dataset's.
+        DatasetError: If the dataset's first samples cannot be read.
+    """
+    from tread_scale.errors import ConfigError
+    from tread_scale.sampling import dataset_prompts, encode_prompts
+
+    if cfg.model.model_family() != "mmdit" or rank != 0:
+        return None
+    s = cfg.sampling
+    if s.prompts:
+        if not (cfg.text.t5 or cfg.text.clip):
+            raise ConfigError("sampling.prompts needs the text encoders to embed them: set text.t5 and/or text.clip "
+                              "to the local folders the dataset was converted with (or leave sampling.prompts "
+                              "unset to sample the dataset's own first captions)")
+        return encode_prompts(s.prompts, meta.text, t5=cfg.text.t5, clip=cfg.text.clip, where=cfg.data.remote,
+                              flags=("text.t5", "text.clip"))
+    prompts = dataset_prompts(cfg.data.remote, s.num_images, cfg.data.split)
+    log.info("sample grids show the captions of the dataset's first %d samples (set sampling.prompts to choose)",
+             len(prompts))
+    return prompts
 
 
 def _evaluation_callbacks(cfg, meta: LatentMetadata, make_net, ema, dataset, decode, run_dir) -> list:

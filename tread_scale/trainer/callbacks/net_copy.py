@@ -8,24 +8,25 @@ import torch
 from composer.core import State
 
 from tread_scale.models.dit import DiT
-from tread_scale.parallel.params import full_state_dict
+from tread_scale.trainer.backends.master import master_state_dict
 from tread_scale.trainer.callbacks.ema import EMA
 from tread_scale.trainer.model import dit_of
 
 
 def weights_to_sample(state: State, ema: EMA | None) -> dict[str, torch.Tensor]:
-    """The DiT's full state dict on CPU, EMA values where averaged (collective: call on every rank)."""
-    return ema.full_state_dict(state) if ema is not None else full_state_dict(dit_of(state.model))
+    """The network's full state dict on CPU, EMA values where averaged, else the fp32 master weights (collective)."""
+    return ema.full_state_dict(state) if ema is not None else master_state_dict(state.model, dit_of(state.model))
 
 
 class NetCopy:
-    """An unwrapped DiT of the trained architecture, built once and loaded with given weights on demand.
+    """An unwrapped DiT or MMDiT of the trained architecture, built once and loaded with given weights on demand.
 
     It works the same under every parallelism backend (the trained model may be sharded or wrapped), and
     goes back to the CPU between uses so it holds no accelerator memory during training.
 
     Args:
-        make_net: Builds an unwrapped DiT of the trained architecture.
+        make_net: Builds an unwrapped DiT or MMDiT of the trained architecture (an MMDiT's null condition, the
+            empty prompt, comes with the weights).
     """
 
     def __init__(self, make_net: Callable[[], DiT]) -> None:
