@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tread_scale.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
+from tread_scale.models.patched import PatchTokenNet
 from tread_scale.routing.flops import block_flops as dit_block_flops
 from tread_scale.routing.tokens import gather_tokens, scatter_tokens
 
@@ -105,7 +106,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class DiT(nn.Module):
+class DiT(PatchTokenNet):
     """Class-conditional Diffusion Transformer over latents of any channel count and resolution.
 
     The network maps a noisy latent ``x`` (B, C, H, W), a per-sample noise level ``t`` (B,) and labels
@@ -208,28 +209,9 @@ class DiT(nn.Module):
                 nn.init.zeros_(lin.weight)
                 nn.init.zeros_(lin.bias)
 
-    def attach_router(self, router: TokenRouter) -> None:
-        """Attach a TREAD router; it decides per call which tokens skip which blocks.
-
-        Raises:
-            RuntimeError: If a router is already attached.
-        """
-        if self.router is not None:
-            raise RuntimeError("this DiT already has a TREAD router attached; routing cannot be applied twice")
-        router.check_depth(self.depth)
-        self.router = router
-
     def fsdp_wrap_fn(self, module: nn.Module) -> bool:
         """FSDP wrap units: each block, each embedder and the final layer (read by Composer's FSDP2 policy)."""
         return isinstance(module, (DiTBlock, PatchEmbed, TimestepEmbedder, LabelEmbedder, FinalLayer))
-
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, N, p·p·C)`` tokens → ``(B, C, H, W)``."""
-        b = x.shape[0]
-        p, c = self.patch_size, self.out_channels
-        gh, gw = self.grid
-        x = x.reshape(b, gh, gw, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(b, c, gh * p, gw * p)
 
     def forward(
         self,

@@ -43,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 from tread_scale.models.conditioning import TextCondition
 from tread_scale.models.dit import FinalLayer, InitMode, Mlp, modulate
 from tread_scale.models.embeddings import PatchEmbed, TimestepEmbedder, sincos_2d
+from tread_scale.models.patched import PatchTokenNet
 from tread_scale.models.rope import apply_rope, rope_angles, rope_table
 from tread_scale.routing.flops import mmdit_block_flops
 from tread_scale.routing.tokens import gather_tokens, scatter_tokens
@@ -193,7 +194,7 @@ def _resize_null_condition(module: nn.Module, state_dict: dict, prefix: str, *ar
             setattr(module, name, torch.empty(stored.shape, dtype=current.dtype, device=current.device))
 
 
-class MMDiT(nn.Module):
+class MMDiT(PatchTokenNet):
     """Text-conditioned multimodal Diffusion Transformer over latents of any channel count and resolution.
 
     Maps a noisy latent ``x`` (B, C, H, W), a noise level ``t`` (B,) and a :class:`TextCondition` to a
@@ -365,29 +366,10 @@ class MMDiT(nn.Module):
                 nn.init.zeros_(lin.weight)
                 nn.init.zeros_(lin.bias)
 
-    def attach_router(self, router: TokenRouter) -> None:
-        """Attach a TREAD router; it decides per call which image tokens skip which blocks.
-
-        Raises:
-            RuntimeError: If a router is already attached.
-        """
-        if self.router is not None:
-            raise RuntimeError("this MMDiT already has a TREAD router attached; routing cannot be applied twice")
-        router.check_depth(self.depth)
-        self.router = router
-
     def fsdp_wrap_fn(self, module: nn.Module) -> bool:
         """FSDP wrap units: each block, each embedder and the final layer (read by Composer's FSDP2 policy)."""
         return (isinstance(module, (MMDiTBlock, PatchEmbed, TimestepEmbedder, PooledEmbedder, FinalLayer))
                 or module is self.context_embedder)
-
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, N, p·p·C)`` tokens → ``(B, C, H, W)``."""
-        b = x.shape[0]
-        p, c = self.patch_size, self.out_channels
-        gh, gw = self.grid
-        x = x.reshape(b, gh, gw, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(b, c, gh * p, gw * p)
 
     def embed(
         self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition
