@@ -37,6 +37,7 @@ from streaming.base.constant import TICK
 from streaming.base.dataset import _ShardState
 
 from tread_scale.cluster.diagnostics import dump_threads, whereabouts
+from tread_scale.data.worker_watch import note
 from tread_scale.errors import DatasetError, DataStallError
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ class PatchedStreamingDataset(StreamingDataset):
 
     def _wait_local(self, shard_id: int, it=None) -> None:
         """Wait until a shard is local, preparing it whenever nobody is; bounded by ``stall_timeout``."""
-        started = time.monotonic()
+        started, noted = time.monotonic(), False
         while True:
             state = self._shard_states[shard_id]
             event = getattr(self, "_event", None)
@@ -170,6 +171,10 @@ class PatchedStreamingDataset(StreamingDataset):
             if state == _REMOTE:
                 self._prepare_now(shard_id)  # ours to download now (raises on failure)
                 continue
+            if not noted:
+                note(f"waiting for shard {self.shards[shard_id].raw_data.basename} to become local "
+                     f"({_ShardState(int(state)).name})")
+                noted = True
             if time.monotonic() - started > self.stall_timeout:
                 raise self._stall(shard_id, f"waited {time.monotonic() - started:.0f} s for it to become local")
             time.sleep(TICK)

@@ -10,6 +10,16 @@
   and any gradient norm see the wrong scale. Here, for a gloo group, FSDP2 takes the path upstream uses
   for fp16: divide by the world size around a ``SUM`` (``_get_gradient_divide_factors``), exact for
   power-of-two worlds. NCCL groups keep upstream's path.
+* :func:`end_dataloader_workers`: a multi-process DataLoader iterator
+  (``torch.utils.data.dataloader._MultiProcessingDataLoaderIter``) ends its workers in
+  ``_shutdown_workers``: it joins each for 5 s, then sends ``SIGTERM``, and leaves it at that; Python's
+  ``multiprocessing`` exit handler later joins every child *without a bound*. A worker frozen in I/O
+  (or stopped) obeys neither, so the trainer never exits (issue 20). Upstream also keeps the worker pids
+  in its ``SIGCHLD`` handler's set until that shutdown, so killing a worker earlier makes the handler
+  raise "DataLoader worker ... exited unexpectedly" at an arbitrary point of the main thread. Here the
+  pids leave that set first, the workers are asked to exit (upstream's done event and ``None`` index),
+  whatever does not exit within the bound is killed with ``SIGKILL``, then upstream's shutdown runs over
+  dead workers (it no longer waits).
 """
 
 from __future__ import annotations
@@ -19,8 +29,8 @@ import torch
 WRITTEN_FOR = "2.7.0"
 if torch.__version__.split("+")[0] != WRITTEN_FOR:
     raise ImportError(f"tread_scale.compat.torch was written for PyTorch {WRITTEN_FOR}, but {torch.__version__} is "
-                      "installed: install the pinned version (requirements.lock) or re-check whether FSDP2 still "
-                      "relies on ReduceOp.AVG with gloo")
+                      "installed: install the pinned version (requirements.lock) or re-check each change this module's "
+                      "docstring lists (FSDP2's ReduceOp.AVG with gloo, the DataLoader's worker shutdown)")
 
 _fixed = {"fsdp2_gloo_average": False}
 
@@ -44,4 +54,35 @@ def average_fsdp2_gradients_on_gloo() -> None:
     _fixed["fsdp2_gloo_average"] = True
 
 
-__all__ = ["WRITTEN_FOR", "average_fsdp2_gradients_on_gloo"]
+def end_dataloader_workers(iterator, timeout: float = 5.0, why: str = "") -> list[int]:
+    """End a DataLoader iterator's worker processes within ``timeout`` s; see the module docstring.
+
+    Args:
+        iterator: What ``iter(DataLoader)`` returned (anything else, or a finished one, is left alone).
+        timeout: Seconds the workers get to exit before ``SIGKILL``.
+        why: Said in the log line when a worker had to be killed.
+
+    Returns:
+        The pids that had to be killed.
+    """
+    from torch.utils.data import _utils
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+    from tread_scale.cluster.children import end_processes
+
+    if not isinstance(iterator, _MultiProcessingDataLoaderIter) or iterator._shutdown:
+        return []
+    pids = [w.pid for w in iterator._workers if w.pid is not None]
+    if iterator._worker_pids_set:
+        _utils.signal_handling._remove_worker_pids(id(iterator))
+        iterator._worker_pids_set = False
+    iterator._workers_done_event.set()
+    for worker_id, queue in enumerate(iterator._index_queues):
+        if iterator._workers_status[worker_id] or iterator._persistent_workers:
+            queue.put(None)
+    killed = end_processes(pids, timeout, why)
+    iterator._shutdown_workers()
+    return killed
+
+
+__all__ = ["WRITTEN_FOR", "average_fsdp2_gradients_on_gloo", "end_dataloader_workers"]

@@ -26,6 +26,7 @@ from tread_scale.compat.streaming import PatchedStreamingDataset
 from tread_scale.data.metadata import parse_ndarray_encoding
 from tread_scale.data.captions import decode_captions
 from tread_scale.data.records import TEXT_COLUMNS, finite_rows, shard_layout, shard_records
+from tread_scale.data.worker_watch import WorkerWatch, batch_wait_bound, describe_ids, note
 from tread_scale.errors import DatasetError, DatasetMismatchError, ObjectStoreError
 
 log = logging.getLogger(__name__)
@@ -219,6 +220,13 @@ class LatentStreamingDataset(PatchedStreamingDataset):
         """
         ids = np.asarray(sample_ids, dtype=np.int64)
         shards = self.shard_of(ids)
+        what = describe_ids(ids, [self.shards[i].raw_data.basename for i in np.unique(shards).tolist()])
+        note(f"reading {what}")
+        batch = self._read_batch(ids, shards)
+        note(f"handed over {what}")
+        return batch
+
+    def _read_batch(self, ids: np.ndarray, shards: np.ndarray) -> dict[str, Any]:
         rows = ids - self.sample_offset_per_shard[shards]
         latents, labels, out_ids = None, np.empty(len(ids), np.int64), ids.copy()
         text = self._text_buffers(len(ids))
@@ -279,18 +287,89 @@ class BatchLoader(DataLoader):
     The dataset collates, so this loader only moves whole batches (through workers and pinned memory);
     its length is the number of batches, as a batching ``DataLoader`` with ``drop_last`` reports it.
 
+    With workers, the wait for each batch is bounded (:mod:`tread_scale.data.worker_watch`): no batch
+    within ``batch_timeout`` seconds (default :func:`~tread_scale.data.worker_watch.batch_wait_bound` of
+    the dataset's ``stall_timeout``) raises :class:`~tread_scale.errors.DataStallError` naming every
+    worker's pid, state and last activity, after their stacks were asked for and the workers ended.
+
     Args:
         dataset: A dataset made with ``batched=True``.
+        batch_timeout: Seconds to wait for a batch from the workers (``None``: derived from the dataset's
+            ``stall_timeout``); ignored without workers, where the dataset's own waits are bounded.
         **kwargs: ``DataLoader`` arguments other than batching ones (num_workers, pin_memory, …).
     """
 
-    def __init__(self, dataset: LatentStreamingDataset, **kwargs: Any) -> None:
+    def __init__(self, dataset: LatentStreamingDataset, batch_timeout: float | None = None, **kwargs: Any) -> None:
         if not getattr(dataset, "batched", False):
             raise ValueError("BatchLoader needs a LatentStreamingDataset made with batched=True")
+        self.watch: WorkerWatch | None = None
+        self._live = None
+        workers = int(kwargs.get("num_workers", 0) or 0)
+        if workers > 0:
+            if "worker_init_fn" in kwargs:
+                raise ValueError("BatchLoader sets worker_init_fn itself (it watches its workers)")
+            bound = batch_timeout or batch_wait_bound(dataset.stall_timeout)
+            self.watch = WorkerWatch(workers, kwargs.get("multiprocessing_context"), bound)
+            kwargs["worker_init_fn"] = self.watch
         super().__init__(dataset, batch_size=None, collate_fn=_as_is, **kwargs)
 
     def __len__(self) -> int:
         return len(self.dataset) // self.dataset.batch_size
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        if self.watch is None:
+            return iterator
+        self._live = iterator
+        return _WatchedIterator(iterator, self)
+
+    def end_workers(self, timeout: float = 5.0, why: str = "") -> list[int]:
+        """End the workers of the live iterator within ``timeout`` s (``SIGKILL`` past it); returns killed pids.
+
+        Nothing on the way out of training then waits on a worker that cannot answer (issue 20).
+        """
+        from tread_scale.compat.torch import end_dataloader_workers
+
+        if self.watch is not None:
+            self.watch.close()
+        live, self._live = self._live, None
+        return [] if live is None else end_dataloader_workers(live, timeout, why)
+
+
+class _WatchedIterator:
+    """A DataLoader iterator whose every wait for a batch is armed on the loader's watch (see :class:`BatchLoader`)."""
+
+    def __init__(self, iterator, loader: BatchLoader) -> None:
+        self._iterator = iterator
+        self._loader = loader
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        watch = self._loader.watch
+        watch.arm()
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            raise
+        except BaseException:
+            if watch.fired is None:
+                raise
+            batch = None
+        finally:
+            watch.disarm()
+        if watch.fired is not None:  # the workers were killed while (or just after) this batch arrived
+            watch.returned()
+            self._loader.end_workers(1.0)
+            raise watch.fired from None
+        return batch
+
+    def __len__(self) -> int:
+        return len(self._iterator)
+
+    def __getattr__(self, name: str):
+        return getattr(self._iterator, name)
 
 
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
