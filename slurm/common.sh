@@ -6,7 +6,8 @@
 # `scontrol show hostnames`. The run name is derived from the job id, so a requeued job (same id)
 # autoresumes from its last checkpoint. When the batch script is signalled (USR1 before the time limit
 # via `#SBATCH --signal=B:USR1@<s>`, or `scancel --signal=USR1 --batch <job>`, or TERM), it creates a flag
-# file; every rank then checkpoints at the next step and stops, and this script requeues the job.
+# file; every rank then checkpoints at the next step and stops (exit code 75), and this script requeues
+# the job. A completed run exits 0; any other code is a failure and is not requeued.
 #
 # Knobs (environment):
 #   TREAD_REPO            checkout to run from (default: the submit directory)
@@ -86,16 +87,31 @@ tread_launch() {
     wait "$srun_pid" && rc=0 || rc=$?
     kill -0 "$srun_pid" 2>/dev/null || break
   done
+  # Exit codes (tread_scale/cluster/exit_codes.py): 0 completed; 75 stopped early after a checkpoint
+  # (requeue: the job resumes); anything else failed. PREEMPTED (written by rank 0 after every rank's
+  # checkpoint) also counts as "stopped early": when one node's launcher exits 75 first, srun's
+  # --kill-on-bad-exit may end the other node's before it reports 75 itself.
+  local stopped=0
+  if [ "$rc" = 75 ]; then stopped=1; fi
   if [ -e "$done_marker" ]; then
     tread_log "checkpointed at batch $(cat "$done_marker") after a preemption request"
-    rm -f "$done_marker" "$flag"
-    if [ "${TREAD_NO_REQUEUE:-0}" != 1 ] && [ "$rc" = 0 ]; then
-      tread_log "requeueing job $SLURM_JOB_ID; it will autoresume as run $run_name"
+    rm -f "$done_marker"
+    stopped=1
+  fi
+  rm -f "$flag"
+  if [ "$stopped" = 1 ]; then
+    if [ "${TREAD_NO_REQUEUE:-0}" != 1 ]; then
+      tread_log "stopped before max_duration (exit code $rc); requeueing job $SLURM_JOB_ID; it will autoresume as run $run_name"
       scontrol requeue "$SLURM_JOB_ID"
       return 0
     fi
+    tread_log "stopped before max_duration (exit code $rc); TREAD_NO_REQUEUE=1: not requeueing; resubmit to resume"
+    return 75
   fi
-  rm -f "$flag"
-  tread_log "training finished with exit code $rc"
+  if [ "$rc" = 0 ]; then
+    tread_log "training completed"
+  else
+    tread_log "training failed with exit code $rc (not requeued: see the rank logs in $log_dir)"
+  fi
   return "$rc"
 }

@@ -35,3 +35,7 @@ class DataStallError(DatasetError):
 
 class DistributedTimeoutError(TreadScaleError):
     """A collective (a barrier at the start or end of training) passed its bound; names the absent ranks."""
+
+
+class PeerFailedError(TreadScaleError):
+    """A collective failed because a peer rank left or is stuck; names the peer where it can."""

@@ -138,7 +138,8 @@ def test_config_rejects_nonpositive_bounds(tmp_path):
     from tread_scale.config import config_from_dict
     from tread_scale.errors import ConfigError
 
-    for section, key in (("data", "stall_timeout"), ("train", "preemption_grace"), ("train", "barrier_timeout")):
+    for section, key in (("data", "stall_timeout"), ("train", "preemption_grace"), ("train", "barrier_timeout"),
+                         ("train", "collective_timeout")):
         cfg = tiny_run_cfg("/d", tmp_path)
         cfg[section] = {**cfg[section], key: 0}
         with pytest.raises(ConfigError, match=f"{section}.{key}=0"):

@@ -19,12 +19,24 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train (resuming automatically); logs where the outputs are."""
+    """Train (resuming automatically); logs where the outputs are.
+
+    Returns:
+        0 when the run completed ``train.max_duration``; :data:`~tread_scale.cluster.exit_codes.EXIT_STOPPED`
+        (75) when it stopped earlier after a checkpoint (rerun to resume). Errors: see
+        :mod:`tread_scale.cluster.exit_codes`.
+    """
+    from tread_scale.cluster.exit_codes import EXIT_OK, EXIT_STOPPED
     from tread_scale.config import load_config
     from tread_scale.trainer.builder import train
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg)
+    result = train(cfg, owns_process=True)
+    if not result.completed:
+        of = f" of {result.max_batches}" if result.max_batches is not None else f" (max_duration {cfg.train.max_duration})"
+        log.warning("stopped at batch %d%s by %s; checkpoint saved in %s; rerun the same command to resume "
+                    "(exit code %d)", result.batches, of, result.stopped_by, result.checkpoint_folder, EXIT_STOPPED)
+        return EXIT_STOPPED
     log.info("finished %d batches; run folder %s; checkpoints %s; EMA weights %s; samples %s", result.batches,
              result.run_dir, result.checkpoint_folder, result.ema_weights, result.sample_grid)
-    return 0
+    return EXIT_OK

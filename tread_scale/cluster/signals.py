@@ -10,7 +10,14 @@ main thread is doing) and bounds the wait:
 * the first SIGTERM/SIGUSR1 asks for a checkpoint at the next batch end (the Python handler, as before);
 * if that batch end does not begin the checkpoint within ``grace`` seconds, or on a second SIGTERM, every
   thread's stack goes to stderr, child processes (DataLoader workers) are killed, and the process exits
-  with ``128 + signal``.
+  with ``128 + signal``;
+* once the checkpoint is written (:meth:`SignalWatchdog.exit_within`, for a process that owns its exit),
+  the process has ``grace`` seconds to be gone, and any SIGTERM ends it at once, with the "stopped,
+  resumable" code :data:`~tread_scale.cluster.exit_codes.EXIT_STOPPED`: the checkpoint is safe.
+
+The watchdog stays armed until :meth:`SignalWatchdog.stop`; a ``tread-scale train`` process never calls it,
+so a second SIGTERM works until the process is gone (issue 20: one that arrived after training had
+finished used to do nothing).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ class SignalWatchdog:
         self.grace = float(grace)
         self._acknowledged = threading.Event()
         self._stop = threading.Event()
+        self._exit: tuple[float, int, str] | None = None  # (deadline, exit code, what was done)
         self._read_fd: int | None = None
         self._previous_fd = -1
         self._thread: threading.Thread | None = None
@@ -57,6 +65,14 @@ class SignalWatchdog:
     def acknowledge(self) -> None:
         """The requested checkpoint has begun: the grace bound no longer applies (a second SIGTERM still does)."""
         self._acknowledged.set()
+
+    def exit_within(self, seconds: float, code: int, done: str) -> None:
+        """The work is saved (``done`` says what): be gone within ``seconds``, else exit with ``code``.
+
+        From now on a SIGTERM also exits at once with ``code``. Only for a process that owns its exit (the
+        CLI); a caller that goes on after training (a test, a notebook) must not call it.
+        """
+        self._exit = (time.monotonic() + float(seconds), int(code), done)
 
     def stop(self) -> None:
         """Stop listening and give the wakeup fd back (call from the main thread)."""
@@ -83,6 +99,11 @@ class SignalWatchdog:
         first: tuple[float, int] | None = None
         while not self._stop.is_set():
             wait = 0.5
+            if self._exit is not None:
+                deadline, code, done = self._exit
+                if time.monotonic() >= deadline:
+                    self._die(f"{done}, but the process was not gone within the bound after it", code=code)
+                wait = min(wait, max(0.0, deadline - time.monotonic()))
             if first is not None and not self._acknowledged.is_set():
                 left = first[0] + self.grace - time.monotonic()
                 if left <= 0:
@@ -94,15 +115,20 @@ class SignalWatchdog:
             for signum in os.read(self._read_fd, 64):
                 if signum not in self.signals:
                     continue
-                if first is None:
+                if self._exit is not None and signum == signal.SIGTERM:
+                    self._die(f"SIGTERM received after {self._exit[2]}", code=self._exit[1], dump=False)
+                elif first is None:
                     first = (time.monotonic(), signum)
                     log.warning("%s received: checkpointing at the next batch end; exiting if none begins within "
                                 "%g s", signal.Signals(signum).name, self.grace)
                 elif signum == signal.SIGTERM:
                     self._die("a second SIGTERM received", signum)
 
-    def _die(self, reason: str, signum: int) -> None:
-        dump_threads(f"exiting: {reason}")
+    def _die(self, reason: str, signum: int = 0, code: int | None = None, dump: bool = True) -> None:
+        if dump:
+            dump_threads(f"exiting: {reason}")
+        else:
+            log.warning("exiting: %s", reason)
         try:
             import psutil
 
@@ -110,4 +136,6 @@ class SignalWatchdog:
                 child.kill()
         except Exception:  # noqa: BLE001 - exiting regardless; workers also exit when their parent dies
             pass
-        os._exit(128 + signum)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(128 + signum if code is None else code)

@@ -239,8 +239,12 @@ class TrainConfig:
     ``preemption_flag``: a file whose appearance makes every rank checkpoint and stop (the Slurm scripts
     set it; SIGUSR1/SIGTERM to a training process do the same). ``preemption_grace``: seconds from such a
     signal to the start of the checkpoint; a rank stuck longer (or given a second SIGTERM) dumps its threads
-    and exits non-zero. ``barrier_timeout``: bound of the barriers at the start and end of training, whose
-    error names the ranks that did not arrive. ``nonfinite_loss``: on a NaN/Inf loss,
+    and exits non-zero; after the checkpoint, the process has as long again to be gone.
+    ``barrier_timeout``: bound of the barriers at the start and end of training, whose error names the
+    ranks that did not arrive. ``collective_timeout``: the process group's timeout, which bounds every
+    other collective (gradient all-reduce, EMA and export gathers, sample grid and evaluation across
+    ranks, the preemption agreement): under gloo the collective raises, under NCCL PyTorch's watchdog
+    aborts the process (``TORCH_NCCL_ASYNC_ERROR_HANDLING``, on by default). ``nonfinite_loss``: on a NaN/Inf loss,
     ``stop`` with a clear error (the last checkpoint stays the last good one) or ``skip`` the batch's update
     (up to ``max_skipped_batches`` in a row; not with DeepSpeed). ``compile``: ``torch.compile`` each DiT
     block (with ``compile_backend``); routing gives a block at most two sequence lengths, so it compiles
@@ -260,6 +264,7 @@ class TrainConfig:
     preemption_flag: str | None = None
     preemption_grace: float = 30.0
     barrier_timeout: float = 600.0
+    collective_timeout: float = 600.0
     nonfinite_loss: Literal["stop", "skip"] = "stop"
     max_skipped_batches: int = 10
     compile: bool = False

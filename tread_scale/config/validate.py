@@ -42,7 +42,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("data.remote must be set (s3://bucket/prefix or a local folder of MDS shards)")
     for key, value in (("data.stall_timeout", cfg.data.stall_timeout),
                        ("train.preemption_grace", cfg.train.preemption_grace),
-                       ("train.barrier_timeout", cfg.train.barrier_timeout)):
+                       ("train.barrier_timeout", cfg.train.barrier_timeout),
+                       ("train.collective_timeout", cfg.train.collective_timeout)):
         if not value > 0:
             raise ConfigError(f"{key}={value} must be a positive number of seconds")
     if cfg.train.global_batch_size < 1:

@@ -71,7 +71,7 @@ def start_run(cfg: RunConfig) -> RunContext:
 
     device = composer_device(resolve_device(cfg.train.device, setting="train.device"))
     precision = resolve_precision(cfg.train.precision, device)
-    dist.initialize_dist(get_device(device), timeout=300.0)
+    dist.initialize_dist(get_device(device), timeout=cfg.train.collective_timeout)
     world, rank = dist.get_world_size(), dist.get_global_rank()
     batch = per_rank_batch(cfg, world)
     validate_parallelism(cfg.parallelism, world)

@@ -19,6 +19,7 @@ class RunCallbacks:
     ema: Any
     export: Any
     grid: Any
+    preemption: Any
 
 
 def build_callbacks(cfg, run, meta: LatentMetadata, dataset) -> RunCallbacks:
@@ -67,8 +68,9 @@ def build_callbacks(cfg, run, meta: LatentMetadata, dataset) -> RunCallbacks:
         from tread_scale.trainer.callbacks.sample_ledger import SampleLedger
 
         callbacks.append(SampleLedger(run.run_dir / "ledger"))
-    callbacks.append(Preemption(cfg.train.preemption_flag, grace=cfg.train.preemption_grace))
-    return RunCallbacks(callbacks, ema, export, grid)
+    preemption = Preemption(cfg.train.preemption_flag, grace=cfg.train.preemption_grace)
+    callbacks.append(preemption)
+    return RunCallbacks(callbacks, ema, export, grid, preemption)
 
 
 def grid_prompts(cfg, meta: LatentMetadata, rank: int):

@@ -53,6 +53,8 @@ class Preemption(Callback):
         self.signals = signals
         self.requested = False
         self.triggered_at: int | None = None
+        self.stopped_by: str | None = None  # what stopped the run, once it stopped
+        self._heard: str | None = None
         self.watchdog = SignalWatchdog(signals, grace)
 
     def init(self, state: State, logger: Logger) -> None:
@@ -62,15 +64,18 @@ class Preemption(Callback):
             signal.signal(sig, self._on_signal)
         self.watchdog.start()
 
-    def close(self, state: State, logger: Logger) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self.watchdog.stop()
+    # No close(): the watchdog outlives Composer's close, so SIGTERM stays bounded on the way out (issue 20);
+    # whoever runs the trainer stops it (tread_scale.trainer.builder.train) or lets the process end with it.
 
     def _on_signal(self, signum, frame) -> None:
         self.requested = True
+        self._heard = self._heard or signal.Signals(signum).name
 
     def _agreed(self, state: State) -> bool:
-        local = self.requested or (self.flag_file is not None and self.flag_file.exists())
+        flagged = self.flag_file is not None and self.flag_file.exists()
+        if flagged and self._heard is None:
+            self._heard = f"the preemption flag file {self.flag_file}"
+        local = self.requested or flagged
         if dist.get_world_size() == 1:
             return local
         flag = state.device.tensor_to_device(torch.tensor([int(local)], dtype=torch.int32))
@@ -82,6 +87,7 @@ class Preemption(Callback):
             return
         step = int(state.timestamp.batch)
         self.triggered_at = step
+        self.stopped_by = self._heard or "a preemption request on another rank"
         self.watchdog.acknowledge()
         log.warning("preemption requested: checkpointing at batch %d and stopping", step)
         from composer.callbacks import CheckpointSaver
