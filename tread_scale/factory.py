@@ -29,7 +29,7 @@ def build_net(cfg: ModelConfig, routes: Sequence[Route] = (), routing_seed: int 
                 hidden_size=size.hidden_size, depth=size.depth, num_heads=size.num_heads, mlp_ratio=size.mlp_ratio,
                 text_dim=cfg.text_dim or DEFAULT_TEXT_DIM, pooled_dim=cfg.pooled_dim or DEFAULT_POOLED_DIM,
                 text_len=cfg.text_len or DEFAULT_TEXT_LEN, pos_embed=cfg.pos_embed or "rope", qk_norm=cfg.qk_norm,
-                init=cfg.init)
+                init=cfg.init, timestep_scale=timestep_scale(cfg), text_mask=cfg.text_mask)
     if routes:
         net.attach_router(TokenRouter(routes, seed=routing_seed, rank=rank))
     return net
@@ -46,14 +46,19 @@ def build_dit(cfg: ModelConfig, routes: Sequence[Route] = (), routing_seed: int 
     size, patch = cfg.size()
     net = DiT(input_size=cfg.input_size, patch_size=patch, in_channels=cfg.in_channels, hidden_size=size.hidden_size,
               depth=size.depth, num_heads=size.num_heads, mlp_ratio=size.mlp_ratio, num_classes=cfg.num_classes,
-              init=cfg.init)
+              init=cfg.init, timestep_scale=timestep_scale(cfg))
     if routes:
         net.attach_router(TokenRouter(routes, seed=routing_seed, rank=rank))
     return net
+
+
+def timestep_scale(cfg: ModelConfig) -> float:
+    """The model's timestep multiplier: as configured (validation resolves null by objective), else 1."""
+    return 1.0 if cfg.timestep_scale is None else float(cfg.timestep_scale)
 
 
 def build_objective(cfg: ObjectiveConfig) -> EDM | RectifiedFlow:
     """The training objective per ``cfg.kind``."""
     if cfg.kind == "edm":
         return EDM(P_mean=cfg.P_mean, P_std=cfg.P_std, sigma_data=cfg.sigma_data, label_dropout=cfg.label_dropout)
-    return RectifiedFlow(t_sampling=cfg.t_sampling, label_dropout=cfg.label_dropout)
+    return RectifiedFlow(t_sampling=cfg.t_sampling, label_dropout=cfg.label_dropout, shift=cfg.shift)

@@ -155,6 +155,11 @@ class WeightsMeta:
         return str(self.objective["kind"])
 
     @property
+    def shift(self) -> float:
+        """Rectified flow's timestep shift (1, none, when not recorded)."""
+        return float(self.objective.get("shift", 1.0))
+
+    @property
     def sigma_data(self) -> float:
         """σ_data of the EDM objective (0.5 when not recorded)."""
         return float(self.objective.get("sigma_data", 0.5))
@@ -172,7 +177,8 @@ class WeightsMeta:
         """
         from tread_scale.config import ModelConfig, from_dict
 
-        return from_dict(ModelConfig, self.model, "model")
+        # weights written before model.timestep_scale existed fed t unscaled
+        return from_dict(ModelConfig, {"timestep_scale": 1.0, **self.model}, "model")
 
     def routing_config(self) -> RoutingConfig:
         """The recorded ``routing`` section as a :class:`~tread_scale.config.RoutingConfig`."""

@@ -28,7 +28,14 @@ class ModelConfig:
     MMDiT only: ``text_dim``, ``pooled_dim`` and ``text_len`` (per-token and pooled text-embedding widths, padded
     text length) default to the training dataset's (its metadata records them; ``dry-run`` without data uses
     T5-XXL's 4096, CLIP-L+G's 2048 and 256); ``pos_embed`` (``rope`` by default; the DiT always uses
-    ``sincos``) and ``qk_norm``. ``num_classes`` does not apply to an MMDiT.
+    ``sincos``) and ``qk_norm``. ``num_classes`` does not apply to an MMDiT. ``text_mask``: mask padded text
+    tokens out of the joint attention (true, exact for any padding) or attend to them as SD3 and Flux do
+    (false: no mask, so attention may take the flash kernel).
+
+    ``timestep_scale``: multiplier of the noise level before the timestep embedding's sinusoid; null picks
+    1000 under rectified flow (SD3, Flux: the sinusoid's frequencies are built for that range) and 1 under
+    EDM (``c_noise = ln σ / 4``). Weights record the value; weights written before it existed used 1 and
+    still load with 1.
     """
 
     name: str | None = "DiT-B/2"
@@ -48,6 +55,8 @@ class ModelConfig:
     text_len: int | None = None
     pos_embed: Literal["sincos", "learned", "rope"] | None = None
     qk_norm: bool = True
+    timestep_scale: float | None = None
+    text_mask: bool = True
 
     def model_family(self) -> str:
         """``dit`` or ``mmdit``: from ``name`` when set (``family``, if also set, must agree), else ``family``.
@@ -104,7 +113,13 @@ class RoutingConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """Diffusion objective: ``edm`` (EDM preconditioning, Heun sampler) or ``rf`` (rectified flow, Euler)."""
+    """Diffusion objective: ``edm`` (EDM preconditioning, Heun sampler) or ``rf`` (rectified flow, Euler).
+
+    ``shift`` (rectified flow only): SD3's resolution-dependent timestep shift (SD3 paper §5.3.2, eq. 23),
+    ``t' = a·t / (1 + (a − 1)·t)`` with ``a = shift``, applied to the training times and to the sampler's
+    time grid alike; more image tokens keep more signal at a given noise level, so larger images want a
+    larger ``a`` (SD3 uses 3.0 at 1024²). 1.0 is no shift. Weights record it and sampling uses it.
+    """
 
     kind: Literal["edm", "rf"] = "edm"
     P_mean: float = -1.2
@@ -112,6 +127,7 @@ class ObjectiveConfig:
     sigma_data: float = 0.5
     t_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
     label_dropout: float = 0.1
+    shift: float = 1.0
 
 
 @dataclass

@@ -38,6 +38,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"model.{key} must be >= 1, got {getattr(cfg.model, key)}")
     validate_family(cfg.model, size, cfg.text, cfg.sampling.prompts)
     resolve_routes(cfg.routes, size.depth)
+    validate_time_conventions(cfg)
     if not cfg.data.remote:
         raise ConfigError("data.remote must be set (s3://bucket/prefix or a local folder of MDS shards)")
     for key, value in (("data.stall_timeout", cfg.data.stall_timeout),
@@ -193,3 +194,19 @@ def validate_parallelism(p: ParallelismConfig, world_size: int | None = None) ->
             raise ConfigError(f"parallelism.fsdp.replicate={fs.replicate} does not divide the world size "
                               f"{world_size}: the HSDP mesh needs replicate x shard = world size")
 
+
+def validate_time_conventions(cfg: RunConfig) -> None:
+    """Resolve ``model.timestep_scale`` (1000 under rectified flow, 1 under EDM) and check ``objective.shift``.
+
+    Raises:
+        ConfigError: For a non-positive scale or shift, or a shift under EDM (it has no time grid to shift).
+    """
+    if cfg.model.timestep_scale is None:
+        cfg.model.timestep_scale = 1000.0 if cfg.objective.kind == "rf" else 1.0
+    if not cfg.model.timestep_scale > 0:
+        raise ConfigError(f"model.timestep_scale={cfg.model.timestep_scale} must be positive")
+    if not cfg.objective.shift > 0:
+        raise ConfigError(f"objective.shift={cfg.objective.shift} must be positive (1.0: no shift)")
+    if cfg.objective.kind != "rf" and cfg.objective.shift != 1.0:
+        raise ConfigError(f"objective.shift={cfg.objective.shift} applies to rectified flow (objective.kind=rf) only; "
+                          "EDM's noise levels are set by P_mean/P_std and the sampler's sigma grid")

@@ -259,11 +259,11 @@ def fid_of_weights(weights: str, inception: str, *, ref: str | None = None, ref_
         if save_ref and rank == 0:
             reference.save(save_ref)
     settings = SamplerSettings(meta.objective_kind, steps or default_steps(meta.objective_kind),
-                               sigma_data=meta.sigma_data)
+                               sigma_data=meta.sigma_data, shift=meta.shift)
     fakes = (images for _, _, images, _ in generate(
         net, settings.objective, rank_indices(num, rank, world_size), seed=seed, num_classes=meta.num_classes,
         steps=settings.steps, guidance=guidance, edm=settings.edm(), device=dev, batch_size=batch_size,
-        decode=decode))
+        decode=decode, shift=settings.shift))
     fake = features_of(fakes, net_inception, dev, keep=extra)
     result = scores(fake, reference, real, device=dev)
     ok, why = comparability(net_inception.standard_weights, reference, result["num_samples"])

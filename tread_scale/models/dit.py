@@ -124,6 +124,7 @@ class DiT(PatchTokenNet):
         out_channels: Output channels; defaults to ``in_channels``.
         init: ``adaln_zero`` (DiT paper: zeroed modulation gates and output layer) or ``xavier_all``
             (the TREAD reference, where a later xavier pass overwrites the zero init; spec §2).
+        timestep_scale: Multiplier of ``t`` before the timestep sinusoid (1000 for rectified flow).
 
     Raises:
         ValueError: If the patch does not divide the latent or the width does not fit the heads.
@@ -142,6 +143,7 @@ class DiT(PatchTokenNet):
         num_classes: int = 1000,
         out_channels: int | None = None,
         init: InitMode = "adaln_zero",
+        timestep_scale: float = 1.0,
     ) -> None:
         super().__init__()
         h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
@@ -162,7 +164,7 @@ class DiT(PatchTokenNet):
         self.grad_checkpointing = False
 
         self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, scale=timestep_scale)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         self.register_buffer("pos_embed", sincos_2d(hidden_size, *self.grid).unsqueeze(0), persistent=True)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))

@@ -3,7 +3,7 @@
 Text and image tokens keep separate weights (adaLN modulation, qkv, optional QK-norm, output projection,
 MLP) and meet in one joint attention over ``[text; image]`` in every block. The adaLN condition is the
 timestep embedding plus an MLP of the pooled text embedding. Padded text tokens are masked out as
-attention keys; image tokens are always valid keys, so no query row is ever fully masked, even for an
+attention keys (``text_mask=True``, the default; ``False`` attends to them, as SD3 and Flux do); image tokens are always valid keys, so no query row is ever fully masked, even for an
 empty prompt whose text is all padding.
 
 Design choices (documented here because they differ between peers):
@@ -219,6 +219,10 @@ class MMDiT(PatchTokenNet):
             accepts any length.
         init: ``adaln_zero`` (zeroed modulation and output layer) or ``xavier_all`` (xavier everywhere, as the
             TREAD reference does for the DiT).
+        timestep_scale: Multiplier of ``t`` before the timestep sinusoid (1000 for rectified flow, as SD3).
+        text_mask: Mask padded text tokens out of the joint attention (exact for any padding). ``False`` is
+            SD3's and Flux's choice: every text token, padding included, is a key; no mask is passed, so SDPA
+            may take its flash kernel.
 
     Raises:
         ValueError: If the patch does not divide the latent, the width does not fit the heads, RoPE is asked
@@ -243,6 +247,8 @@ class MMDiT(PatchTokenNet):
         rope_theta: float = 10000.0,
         text_len: int = 256,
         init: InitMode = "adaln_zero",
+        timestep_scale: float = 1.0,
+        text_mask: bool = True,
     ) -> None:
         super().__init__()
         h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
@@ -276,7 +282,8 @@ class MMDiT(PatchTokenNet):
         self.grad_checkpointing = False
 
         self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, scale=timestep_scale)
+        self.mask_text = bool(text_mask)
         self.pooled_embedder = PooledEmbedder(pooled_dim, hidden_size)
         self.context_embedder = nn.Linear(text_dim, hidden_size, bias=True)
         if pos_embed == "sincos":
@@ -374,11 +381,17 @@ class MMDiT(PatchTokenNet):
     def embed(
         self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Image tokens ``(B, N, D)`` (with additive positions), text tokens ``(B, L, D)`` and condition ``(B, D)``."""
-        img = self.x_embedder(x)
+        """Image tokens ``(B, N, D)`` (with additive positions), text tokens ``(B, L, D)`` and condition ``(B, D)``.
+
+        Both residual streams are float32 whatever the position mode: under bf16 autocast the embedders
+        compute in bf16, and the blocks' residual additions then stay in float32 (as the DiT's stream does,
+        where the fp32 position table is added). Without ``.float()`` the RoPE mode (no table) and the text
+        stream (never a table) ran their whole residual stream in bf16.
+        """
+        img = self.x_embedder(x).float()
         if self.pos_embed is not None:
             img = img + self.pos_embed
-        txt = self.context_embedder(cond.emb.to(img.dtype))
+        txt = self.context_embedder(cond.emb.to(self.context_embedder.weight.dtype)).float()
         c = self.t_embedder(t) + self.pooled_embedder(cond.pooled.to(img.dtype))
         return img, txt, c
 
@@ -443,7 +456,7 @@ class MMDiT(PatchTokenNet):
         if rope is not None:
             rope = rope.expand(b, -1, -1)
         # One host sync per call: an all-valid batch passes no mask, so SDPA may use its flash kernel.
-        text_mask = None if bool(cond.mask.all()) else cond.mask.to(img.device)
+        text_mask = None if not self.mask_text or bool(cond.mask.all()) else cond.mask.to(img.device)
         mask = self.joint_mask(text_mask, self.num_tokens)
 
         schedule = {}

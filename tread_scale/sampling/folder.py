@@ -88,14 +88,14 @@ def sample_to_folder(weights: str, out: str, *, num: int | None = None, seed: in
         if bad:
             raise ConfigError(f"--labels: {bad} outside 0..{num_classes - 1}")
     settings = SamplerSettings(meta.objective_kind, steps or default_steps(meta.objective_kind),
-                               sigma_data=meta.sigma_data)
+                               sigma_data=meta.sigma_data, shift=meta.shift)
     rank, world_size = world()
     decode = make_decoder(vae, meta.data.vae, dev)
     rows = []
     for idx, lat, pixels, ys in generate(net, settings.objective, rank_indices(num, rank, world_size), seed=seed,
                                          num_classes=num_classes, steps=settings.steps, guidance=guidance,
                                          edm=settings.edm(), device=dev, batch_size=batch_size, decode=decode,
-                                         labels=labels, prompts=prompt_set):
+                                         labels=labels, prompts=prompt_set, shift=settings.shift):
         rows += list(zip(idx, lat.numpy(), pixels, ys))
     if world_size > 1:
         import torch.distributed as dist

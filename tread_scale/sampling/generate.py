@@ -52,7 +52,8 @@ def rank_indices(n: int, rank: int, world_size: int) -> list[int]:
 def generate(net: nn.Module, objective: str, indices: list[int], *, seed: int, num_classes: int, steps: int,
              guidance: Guidance | None, edm: EDM, device: torch.device, batch_size: int,
              decode: Callable[[torch.Tensor], torch.Tensor] | None = None, labels: list[int] | None = None,
-             prompts: PromptSet | None = None) -> Iterator[tuple[list[int], torch.Tensor, np.ndarray, list[int]]]:
+             prompts: PromptSet | None = None, shift: float = 1.0
+             ) -> Iterator[tuple[list[int], torch.Tensor, np.ndarray, list[int]]]:
     """Generate the samples ``indices``, batch by batch.
 
     Args:
@@ -64,6 +65,7 @@ def generate(net: nn.Module, objective: str, indices: list[int], *, seed: int, n
         steps: Sampler steps.
         guidance: CFG / TREAD guidance, or ``None``.
         edm: EDM preconditioning constants (used by ``edm``).
+        shift: Rectified flow's timestep shift (used by ``rf``).
         device: Where to sample.
         batch_size: Samples per forward pass; the last batch is padded to it.
         decode: Latents → images in [-1, 1] (a VAE decoder), or ``None`` for pixel-space models.
@@ -95,7 +97,8 @@ def generate(net: nn.Module, objective: str, indices: list[int], *, seed: int, n
             ys = [labels[i % len(labels)] if labels else sample_label(s, num_classes) for i, s in zip(run, seeds)]
             cond = torch.tensor(ys, device=device)
         noise = seeded_noise(seeds, shape).to(device)
-        lat = sample_latents(net, objective, cond, noise, steps, guidance, edm=edm, routing_seed=seeds)
+        lat = sample_latents(net, objective, cond, noise, steps, guidance, edm=edm, routing_seed=seeds,
+                             shift=shift)
         images = decode(lat) if decode is not None else lat
         keep = len(idx)
         yield idx, lat[:keep].float().cpu(), to_uint8(images[:keep]), ys[:keep]

@@ -145,7 +145,7 @@ def render_grid(net: nn.Module, sampler: SamplerSettings, num_images: int, num_c
     _, _, images, _ = next(generate(net, sampler.objective, list(range(num_images)), seed=seed,
                                     num_classes=num_classes, steps=sampler.steps, guidance=sampler.guidance(),
                                     edm=sampler.edm(), device=device, batch_size=num_images, decode=decode,
-                                    labels=labels, prompts=prompts))
+                                    labels=labels, prompts=prompts, shift=sampler.shift))
     if prompts is not None:
         return captioned_grid(images, prompts.prompts)
     return grid_image(images, grid_columns(num_images, num_classes))

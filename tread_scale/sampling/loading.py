@@ -59,6 +59,12 @@ def load_initial_weights(net: nn.Module, path: str | os.PathLike, setting: str =
         CheckpointError: If the file is missing, unsafe, or its tensors do not fit ``net``.
     """
     weights, meta = load_weights(path)
+    recorded = float(dict(meta.get("model") or {}).get("timestep_scale") or 1.0) if "model" in meta else None
+    scale = getattr(getattr(net, "t_embedder", None), "scale", None)
+    if recorded is not None and scale is not None and recorded != scale:
+        raise CheckpointError(f"{setting}={path}: the weights were trained with model.timestep_scale={recorded:g} "
+                              f"(weights without the key: 1) but this run feeds the timestep embedder t x {scale:g}; "
+                              f"set model.timestep_scale={recorded:g} to continue them as they were trained")
     _load_state(net, weights, f"{setting}={path}: weights do not fit the configured model")
     log.info("initialised the model from %s (%s)", path, meta.get("source", meta.get("run_name", "")))
 

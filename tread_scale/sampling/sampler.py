@@ -35,6 +35,7 @@ def sample_latents(
     guidance: Guidance | None = None,
     edm: EDM | None = None,
     routing_seed: int | list[int] = 0,
+    shift: float = 1.0,
 ) -> torch.Tensor:
     """Generate latents with the network in eval mode.
 
@@ -49,6 +50,7 @@ def sample_latents(
         edm: EDM preconditioning constants (σ_data) for ``edm``.
         routing_seed: Seed of the routing subsets drawn by TREAD guidance; pass the per-sample seeds to make
             TREAD-guided samples independent of batching.
+        shift: Rectified flow's timestep shift, as trained (``objective.shift``).
 
     Returns:
         ``(B, C, H, W)`` float32 latents on ``noise.device``.
@@ -73,7 +75,8 @@ def sample_latents(
 
             return edm_heun_sample(denoise, noise, num_steps=steps).float()
         if objective == "rf":
-            return rf_euler_sample(lambda z, t: guided(z, t.expand(b), labels, float(t)), noise, num_steps=steps)
+            return rf_euler_sample(lambda z, t: guided(z, t.expand(b), labels, float(t)), noise, num_steps=steps,
+                                   shift=shift)
         raise ValueError(f"unknown objective {objective!r} (expected 'edm' or 'rf')")
     finally:
         net.train(was_training)

@@ -25,12 +25,14 @@ class SamplerSettings:
         steps: Sampler steps.
         cfg_scale: Classifier-free guidance scale (1 = none).
         sigma_data: σ_data of the EDM objective.
+        shift: The rectified-flow timestep shift the model was trained with (``objective.shift``).
     """
 
     objective: str
     steps: int
     cfg_scale: float = 1.0
     sigma_data: float = 0.5
+    shift: float = 1.0
 
     def guidance(self) -> Guidance:
         """The guidance of these settings (classifier-free only)."""

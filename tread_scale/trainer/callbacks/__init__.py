@@ -55,7 +55,7 @@ def build_callbacks(cfg, run, meta: LatentMetadata, dataset) -> RunCallbacks:
         make_net=make_net,
         ema=ema, out_dir=run.run_dir / "samples", interval=cfg.sampling.every,
         sampler=SamplerSettings(cfg.objective.kind, cfg.sampling.steps, cfg.sampling.cfg_scale,
-                                cfg.objective.sigma_data),
+                                cfg.objective.sigma_data, cfg.objective.shift),
         num_classes=meta.num_classes, num_images=cfg.sampling.num_images, seed=cfg.sampling.seed, decode=decode,
         at_fit_end=cfg.sampling.at_fit_end, prompts=grid_prompts(cfg, meta, run.rank),
     )
@@ -111,7 +111,8 @@ def _evaluation_callbacks(cfg, meta: LatentMetadata, make_net, ema, dataset, dec
 
     ev, out = cfg.evaluation, []
     if ev.fid_every:
-        sampler = SamplerSettings(cfg.objective.kind, ev.fid_steps, ev.fid_cfg_scale, cfg.objective.sigma_data)
+        sampler = SamplerSettings(cfg.objective.kind, ev.fid_steps, ev.fid_cfg_scale, cfg.objective.sigma_data,
+                                  cfg.objective.shift)
         out.append(FIDMonitor(make_net, ema, ev.inception, ev.reference, ev.fid_every, ev.fid_num_samples, sampler,
                               meta.num_classes, decode, run_dir / "eval.jsonl", ev.fid_batch_size))
     if ev.val_every:

@@ -98,7 +98,8 @@ class FIDMonitor(Callback):
         batches = (images for _, _, images, _ in generate(
             net, self.sampler.objective, rank_indices(self.num_samples, rank, world_size), seed=0,
             num_classes=self.num_classes, steps=self.sampler.steps, guidance=self.sampler.guidance(),
-            edm=self.sampler.edm(), device=device, batch_size=self.batch_size, decode=self.decode))
+            edm=self.sampler.edm(), device=device, batch_size=self.batch_size, decode=self.decode,
+            shift=self.sampler.shift))
         result = scores(features_of(batches, self._inception, device), self.reference)
         comparable, reason = comparability(self._inception.standard_weights, self.reference, result["num_samples"])
         self.net.park()
