@@ -148,7 +148,7 @@ def test_weights_record_the_text_facts_and_encoder_folders(trained, captioned):
     run, root = trained
     _, meta = load_weights_and_meta(run / "ema" / "latest.safetensors")
     assert meta.model["family"] == "mmdit" and meta.model["text_dim"] == captioned[1].text.emb_dim
-    assert meta.text == {"t5": str((root / "enc" / "t5").resolve()), "clip": None}
+    assert meta.text == {"t5": str((root / "enc" / "t5").resolve()), "clip": None, "clip_l": None, "clip_g": None}
     text = meta.data.text_metadata()
     assert text.encoders == captioned[1].text.encoders and text.seq_len == captioned[1].text.seq_len
 

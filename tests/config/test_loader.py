@@ -61,7 +61,7 @@ def test_mmdit_yamls_fit_the_cluster_they_state(name, world, routes):
     cfg = load_config(REPO / "yamls" / name)
     assert [(r.rate, r.start, r.end) for r in cfg.routing.routes] == routes  # i = 2, j = B - 4
     report = dry_run(cfg, world, "80GB")
-    assert "fits" in report and "256 text tokens of width 4096" in report
+    assert "fits" in report and "333 text tokens of width 4096" in report
 
 
 def test_paper_configs():

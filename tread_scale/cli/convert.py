@@ -26,9 +26,13 @@ def _common(q: argparse.ArgumentParser) -> None:
 def _text_encoders(q: argparse.ArgumentParser, max_length: int | None) -> None:
     q.add_argument("--t5", help="local T5 encoder folder (T5EncoderModel + tokenizer, save_pretrained layout)")
     q.add_argument("--clip", help="local CLIP text encoder folder (CLIPTextModel[WithProjection] + tokenizer)")
+    q.add_argument("--clip-l", help="SD3's layout, with --clip-g and --t5: local CLIP-L folder (penultimate tokens "
+                                    "of CLIP-L and CLIP-G side by side, then T5's; pooled CLIP-L + CLIP-G)")
+    q.add_argument("--clip-g", help="SD3's layout: local CLIP-G folder (CLIPTextModelWithProjection + tokenizer)")
     q.add_argument("--max-length", type=int, default=max_length,
-                   help="tokens per encoder (default 77; CLIP takes at most its positions); longer captions are "
-                        "truncated and counted. For .npz with --t5/--clip: the limit they were made with")
+                   help="tokens per encoder (default 77; CLIP takes at most its positions; in SD3's layout the T5 "
+                        "tokens, 256 in SD3); longer captions are truncated and counted. For .npz with encoders: "
+                        "the limit they were made with")
     q.add_argument("--encoder-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype of the text encoders (default float32; embeddings are stored float16)")
     q.add_argument("--max-caption-bytes", type=int, default=1024,
@@ -108,14 +112,17 @@ def _captions_source(args: argparse.Namespace):
     if fmt == "npz":
         if args.vae:
             raise ConfigError(f"--vae is for images; {args.input} holds precomputed latents (.npz)")
-        return CaptionNpzSource(folder=args.input, t5=args.t5, clip=args.clip, max_length=args.max_length,
+        return CaptionNpzSource(folder=args.input, t5=args.t5, clip=args.clip, clip_l=args.clip_l, clip_g=args.clip_g,
+                                max_length=args.max_length,
                                 device=args.device, encoder_dtype=args.encoder_dtype,
                                 max_caption_bytes=args.max_caption_bytes)
     if not args.vae:
         raise ConfigError("--vae is required for images (a local AutoencoderKL folder, or 'none' for pixels)")
-    if not (args.t5 or args.clip):
-        raise ConfigError("give a text encoder: --t5 FOLDER and/or --clip FOLDER (local save_pretrained folders)")
+    if not (args.t5 or args.clip or args.clip_l or args.clip_g):
+        raise ConfigError("give a text encoder: --t5 FOLDER and/or --clip FOLDER, or SD3's --clip-l, --clip-g and --t5 "
+                          "(local save_pretrained folders)")
     return CaptionFolderSource(input=args.input, resolution=args.resolution, vae=args.vae, t5=args.t5, clip=args.clip,
+                               clip_l=args.clip_l, clip_g=args.clip_g,
                                max_length=args.max_length or 77, batch_size=args.batch_size, seed=args.seed,
                                device=args.device, encoder_dtype=args.encoder_dtype,
                                max_caption_bytes=args.max_caption_bytes)

@@ -42,7 +42,39 @@ def run(args: argparse.Namespace) -> int:
         projection = Assumptions(peak_tflops=args.peak_tflops, mfu=args.mfu, gpus_per_node=args.gpus_per_node,
                                  nvlink_gbps=args.nvlink_gbps, network_gbps=args.network_gbps,
                                  latency_us=args.latency_us, overlap=args.overlap)
-    report = dry_run(load_config(args.config, args.overrides), args.world_size, args.gpu_memory, projection,
-                     args.max_nodes)
+    cfg = load_config(args.config, args.overrides)
+    source = adopt_local_text_shape(cfg)
+    report = dry_run(cfg, args.world_size, args.gpu_memory, projection, args.max_nodes)
+    if source:
+        report = f"text          {source}\n" + report
     sys.stdout.write(report + "\n")
     return 0
+
+
+def adopt_local_text_shape(cfg) -> str:
+    """A text model planned on a local dataset plans with that dataset's text widths and length.
+
+    Returns:
+        What the plan's text shape comes from, for the report ("" for a DiT).
+
+    Raises:
+        ConfigError: If ``data.remote`` is a local folder that does not exist or holds no MDS dataset.
+        DatasetMismatchError: If a set text width or length differs from the dataset's.
+    """
+    from pathlib import Path
+
+    from tread_scale.data import object_store as s3
+    from tread_scale.data.metadata import adopt_text_shape, read_metadata
+    from tread_scale.errors import ConfigError
+
+    if cfg.model.model_family() != "mmdit":
+        return ""
+    remote = cfg.data.remote
+    if s3.is_s3(remote):
+        return (f"widths and length as configured (data.remote={remote} is not read by dry-run; a run checks them "
+                "against the dataset at start)")
+    if not Path(remote, "index.json").is_file():
+        raise ConfigError(f"data.remote={remote!r}: no MDS dataset there (no index.json); dry-run reads a local "
+                          "dataset's text shape, so point it at the converted data or at an s3:// prefix")
+    adopt_text_shape(cfg.model, read_metadata(remote), remote)
+    return f"{cfg.model.text_len} tokens of width {cfg.model.text_dim}, pooled {cfg.model.pooled_dim}, from {remote}"

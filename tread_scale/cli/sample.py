@@ -35,6 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--t5", metavar="DIR", help="local T5 encoder folder (default: the one recorded with the weights)")
     p.add_argument("--clip", metavar="DIR",
                    help="local CLIP encoder folder (default: the one recorded with the weights)")
+    p.add_argument("--clip-l", metavar="DIR", help="local CLIP-L folder, SD3's text layout (default: as recorded)")
+    p.add_argument("--clip-g", metavar="DIR", help="local CLIP-G folder, SD3's text layout (default: as recorded)")
     add_guidance_args(p)
     return p
 
@@ -52,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     prompts = list(args.prompt or []) + (read_prompt_file(args.prompts) if args.prompts else [])
     with launched_process_group():
         out = sample_to_folder(args.weights, args.out, num=args.num, seed=args.seed, labels=labels,
-                               prompts=prompts or None, t5=args.t5, clip=args.clip, steps=args.steps,
+                               prompts=prompts or None, t5=args.t5, clip=args.clip, clip_l=args.clip_l,
+                               clip_g=args.clip_g, steps=args.steps,
                                guidance=guidance_from_args(args), vae=args.vae, batch_size=args.batch_size,
                                device=args.device, grid_max=args.grid_max)
     if out:

@@ -313,11 +313,18 @@ class TextConfig:
 
     When set, training checks them at start against the encoders the dataset was converted with (kinds and
     content hashes) and can encode ``sampling.prompts``; their paths are recorded with the weights, so
-    ``tread-scale sample --prompt`` finds them by default.
+    ``tread-scale sample --prompt`` finds them by default. ``clip_l`` and ``clip_g`` (with ``t5``) are for
+    datasets in SD3's text layout (``tread-scale convert captions --clip-l --clip-g --t5``).
     """
 
     t5: str | None = None
     clip: str | None = None
+    clip_l: str | None = None
+    clip_g: str | None = None
+
+    def folders(self) -> dict[str, str | None]:
+        """The folders by encoder kind."""
+        return {"t5": self.t5, "clip": self.clip, "clip_l": self.clip_l, "clip_g": self.clip_g}
 
 
 @dataclass

@@ -98,8 +98,8 @@ def validate_family(model, size, text=None, prompts=None) -> None:
     """
     family = model.model_family()
     if family == "dit":
-        if text is not None and (text.t5 or text.clip):
-            raise ConfigError(f"text.t5/text.clip: text encoders apply to text-conditioned (MMDiT) models, "
+        if text is not None and any(text.folders().values()):
+            raise ConfigError(f"text.{'/'.join(k for k, v in text.folders().items() if v)}: text encoders apply to text-conditioned (MMDiT) models, "
                               f"not to {model.name or 'a DiT'}")
         if prompts:
             raise ConfigError(f"sampling.prompts applies to text-conditioned (MMDiT) models, not to "
@@ -111,10 +111,11 @@ def validate_family(model, size, text=None, prompts=None) -> None:
             if getattr(model, key) is not None:
                 raise ConfigError(f"model.{key} applies to text-conditioned (MMDiT) models, not to {model.name}")
         return
-    for key, folder in (("text.t5", getattr(text, "t5", None)), ("text.clip", getattr(text, "clip", None))):
+    folders = text.folders() if text is not None else {}
+    for kind, folder in folders.items():
         if folder is not None and not Path(folder).is_dir():
-            raise ConfigError(f"{key}: {folder!r} is not a folder (a local save_pretrained text encoder)")
-    if prompts and not (getattr(text, "t5", None) or getattr(text, "clip", None)):
+            raise ConfigError(f"text.{kind}: {folder!r} is not a folder (a local save_pretrained text encoder)")
+    if prompts and not any(folders.values()):
         raise ConfigError("sampling.prompts needs the text encoders to embed them: set text.t5 and/or text.clip to the "
                           "local folders the dataset was converted with (or leave sampling.prompts unset: grids then "
                           "show the dataset's first captions)")

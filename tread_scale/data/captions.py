@@ -105,29 +105,35 @@ def text_row(sample: Sample, text: TextMetadata) -> tuple[dict[str, np.ndarray],
 _ENCODERS: dict[tuple, Any] = {}
 
 
-def cached_text_encoder(t5: str | None, clip: str | None, max_length: int, device: str, dtype: str):
+def encoder_folders(source) -> dict[str, str | None]:
+    """A caption source's encoder folders by kind (``t5``, ``clip``, ``clip_l``, ``clip_g``; unset ones None)."""
+    return {k: getattr(source, k, None) for k in ("t5", "clip", "clip_l", "clip_g")}
+
+
+def cached_text_encoder(folders: dict[str, str | None], max_length: int, device: str, dtype: str):
     """A :class:`~tread_scale.data.text_encoder.TextEncoder`, loaded once per process and arguments."""
     import torch
 
     from tread_scale.data.text_encoder import TextEncoder, folder_hashes
 
-    key = (t5, clip, max_length, device, dtype, *(folder_hashes(f) for f in (t5, clip) if f))
+    given = {k: f for k, f in folders.items() if f}
+    key = (tuple(sorted(given.items())), max_length, device, dtype, *(folder_hashes(f) for f in given.values()))
     if key not in _ENCODERS:
         _ENCODERS.clear()  # one set of encoders at a time (they can be large)
-        _ENCODERS[key] = TextEncoder.from_folders(t5=t5, clip=clip, max_length=max_length, device=device,
+        _ENCODERS[key] = TextEncoder.from_folders(**given, max_length=max_length, device=device,
                                                   dtype=getattr(torch, _DTYPES[dtype]))
     return _ENCODERS[key]
 
 
-def _encoder_describe(t5: str | None, clip: str | None) -> dict:
-    from tread_scale.data.text_encoder import folder_hashes
+def _encoder_describe(folders: dict[str, str | None]) -> dict:
+    from tread_scale.data.text_encoder import encoder_flag, folder_hashes
 
     out = {}
-    for kind, folder in (("t5", t5), ("clip", clip)):
+    for kind, folder in folders.items():
         if folder is not None:
             if not Path(folder).is_dir():
-                raise ConfigError(f"--{kind} {folder!r}: no such folder (a local save_pretrained folder of the "
-                                  "encoder and its tokenizer; nothing is downloaded)")
+                raise ConfigError(f"{encoder_flag(kind)} {folder!r}: no such folder (a local save_pretrained folder of "
+                                  "the encoder and its tokenizer; nothing is downloaded)")
             out[kind] = {"folder": str(Path(folder).resolve()), "sha256": folder_hashes(folder)}
     return out
 
@@ -137,16 +143,17 @@ def _check_dtype(dtype: str) -> None:
         raise ConfigError(f"--encoder-dtype {dtype!r} is not one of {sorted(_DTYPES)}")
 
 
-def text_plan(t5: str | None, clip: str | None, max_length: int, captions: Sequence[str],
+def text_plan(folders: dict[str, str | None], max_length: int, captions: Sequence[str],
               max_caption_bytes: int) -> TextMetadata:
     """The ``text`` facts of a conversion through encoder folders (read from their configs; nothing loaded)."""
     from tread_scale.data.text_encoder import inspect_encoder, text_layout
 
-    lay = text_layout(inspect_encoder(t5, "t5") if t5 else None, inspect_encoder(clip, "clip") if clip else None,
-                      max_length)
+    infos = {k: inspect_encoder(f, k) for k, f in folders.items() if f}
+    lay = text_layout(infos.get("t5"), infos.get("clip"), max_length, clip_l=infos.get("clip_l"),
+                      clip_g=infos.get("clip_g"))
     return TextMetadata(encoders=lay.records(), max_length=max_length, seq_len=lay.seq_len, emb_dim=lay.emb_dim,
                         pooled_dim=lay.pooled_dim, pooled=lay.pooled,
-                        caption_bytes=caption_width(captions, max_caption_bytes))
+                        caption_bytes=caption_width(captions, max_caption_bytes), layout=lay.style)
 
 
 def _encoded_rows(encoded: dict, captions: Sequence[str], wheres: Sequence[str]) -> list[dict]:
@@ -219,6 +226,9 @@ class CaptionFolderSource(Source):
         vae: Local VAE folder, or ``none`` for pixels.
         t5: Local T5 encoder folder (model + tokenizer), or ``None``.
         clip: Local CLIP text encoder folder (model + tokenizer), or ``None``.
+        clip_l: CLIP-L's folder, for SD3's text layout (with ``clip_g`` and ``t5``; see
+            :mod:`tread_scale.data.text_encoder`).
+        clip_g: CLIP-G's folder, for SD3's text layout.
         max_length: Tokens per encoder; longer captions are cut (and counted in the summary).
         batch_size: Images and captions per forward (aligned chunks: the output is independent of ``--processes``).
         seed: Seed of the latent sampling.
@@ -232,6 +242,8 @@ class CaptionFolderSource(Source):
     vae: str = "none"
     t5: str | None = None
     clip: str | None = None
+    clip_l: str | None = None
+    clip_g: str | None = None
     max_length: int = 77
     batch_size: int = 32
     seed: int = 0
@@ -290,7 +302,7 @@ class CaptionFolderSource(Source):
         return {"kind": self.kind, "input": str(Path(self.input).resolve()), "resolution": self.resolution,
                 "vae": self.vae if self.vae == "none" else str(Path(self.vae).resolve()), "seed": self.seed,
                 "batch_size": self.batch_size, "max_length": self.max_length, "encoder_dtype": self.encoder_dtype,
-                "max_caption_bytes": self.max_caption_bytes, "encoders": _encoder_describe(self.t5, self.clip),
+                "max_caption_bytes": self.max_caption_bytes, "encoders": _encoder_describe(encoder_folders(self)),
                 "files": len(entries), "stamp": files_stamp(sorted(stamped))}
 
     def plan(self) -> Plan:
@@ -305,12 +317,12 @@ class CaptionFolderSource(Source):
             raise DatasetError(f"{len(missing)} image(s) have no caption (each needs {how}; empty ones count as "
                                f"missing): {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
         items = [(str(p), caption.strip()) for p, caption, _ in entries]
-        text = text_plan(self.t5, self.clip, self.max_length, [c for _, c in items], self.max_caption_bytes)
+        text = text_plan(encoder_folders(self), self.max_length, [c for _, c in items], self.max_caption_bytes)
         return Plan(items, num_classes=1, text=text, **vae_plan(self.vae, self.resolution))
 
     def load(self, items: Sequence[tuple[int, tuple[str, str]]], plan: Plan) -> Iterator[Sample]:
         images = ImageEncoder(self.vae, self.device, self.seed)
-        text = cached_text_encoder(self.t5, self.clip, self.max_length, self.device, self.encoder_dtype)
+        text = cached_text_encoder(encoder_folders(self), self.max_length, self.device, self.encoder_dtype)
         owned = dict(items)
         for chunk, latents, readable in encode_image_chunks(list(owned), len(plan.items), self.batch_size,
                                                             lambda i: Path(plan.items[i][0]), self.resolution, images):
@@ -322,7 +334,7 @@ class CaptionFolderSource(Source):
                     yield Sample(i, latent, 0, text=row)
 
     def empty_prompt(self, plan: Plan) -> dict[str, np.ndarray]:
-        return _empty_prompt_of(cached_text_encoder(self.t5, self.clip, self.max_length, self.device,
+        return _empty_prompt_of(cached_text_encoder(encoder_folders(self), self.max_length, self.device,
                                                     self.encoder_dtype))
 
 
@@ -337,6 +349,9 @@ class CaptionDemoSource(Source):
         seed: Dataset seed.
         t5: Local T5 encoder folder (e.g. from :func:`~tread_scale.data.text_encoder.build_tiny_text_encoder`).
         clip: Local CLIP text encoder folder.
+        clip_l: CLIP-L's folder, for SD3's text layout (with ``clip_g`` and ``t5``; see
+            :mod:`tread_scale.data.text_encoder`).
+        clip_g: CLIP-G's folder, for SD3's text layout.
         max_length: Tokens per encoder.
         batch_size: Captions per encoder forward.
         device: Device of the text encoders.
@@ -348,6 +363,8 @@ class CaptionDemoSource(Source):
     seed: int = 0
     t5: str | None = None
     clip: str | None = None
+    clip_l: str | None = None
+    clip_g: str | None = None
     max_length: int = DEMO_CAPTION_MAX_LENGTH
     batch_size: int = 64
     device: str = "cpu"
@@ -358,7 +375,7 @@ class CaptionDemoSource(Source):
         _check_dtype(self.encoder_dtype)
         return {"kind": self.kind, "num_samples": self.num_samples, "resolution": self.resolution, "seed": self.seed,
                 "max_length": self.max_length, "batch_size": self.batch_size, "encoder_dtype": self.encoder_dtype,
-                "encoders": _encoder_describe(self.t5, self.clip)}
+                "encoders": _encoder_describe(encoder_folders(self))}
 
     def plan(self) -> Plan:
         from tread_scale.data.demo import demo_caption
@@ -366,13 +383,13 @@ class CaptionDemoSource(Source):
         if self.num_samples < 1:
             raise DatasetError(f"demo: num_samples must be >= 1, got {self.num_samples}")
         captions = [demo_caption(i, self.seed) for i in range(self.num_samples)]
-        text = text_plan(self.t5, self.clip, self.max_length, captions, 1024)
+        text = text_plan(encoder_folders(self), self.max_length, captions, 1024)
         return Plan(captions, (3, self.resolution, self.resolution), 1, text=text)
 
     def load(self, items: Sequence[tuple[int, str]], plan: Plan) -> Iterator[Sample]:
         from tread_scale.data.demo import demo_caption_image
 
-        text = cached_text_encoder(self.t5, self.clip, self.max_length, self.device, self.encoder_dtype)
+        text = cached_text_encoder(encoder_folders(self), self.max_length, self.device, self.encoder_dtype)
         owned = dict(items)
         for chunk in aligned_chunks(list(owned), len(plan.items), self.batch_size):
             captions = [plan.items[i] for i in chunk]
@@ -383,7 +400,7 @@ class CaptionDemoSource(Source):
                     yield Sample(i, image, 0, text=row)
 
     def empty_prompt(self, plan: Plan) -> dict[str, np.ndarray]:
-        return _empty_prompt_of(cached_text_encoder(self.t5, self.clip, self.max_length, self.device,
+        return _empty_prompt_of(cached_text_encoder(encoder_folders(self), self.max_length, self.device,
                                                     self.encoder_dtype))
 
 
@@ -424,6 +441,9 @@ class CaptionNpzSource(Source):
         folder: Root folder (searched recursively).
         t5: The T5 folder the embeddings were made with, if known.
         clip: The CLIP folder the embeddings were made with, if known.
+        clip_l: CLIP-L's folder, for SD3's text layout (with ``clip_g`` and ``t5``; see
+            :mod:`tread_scale.data.text_encoder`).
+        clip_g: CLIP-G's folder, for SD3's text layout.
         max_length: The token limit they were made with (needed with encoders).
         device: Device of the encoders (empty prompt only).
         encoder_dtype: Compute dtype of the encoders.
@@ -433,6 +453,8 @@ class CaptionNpzSource(Source):
     folder: str = ""
     t5: str | None = None
     clip: str | None = None
+    clip_l: str | None = None
+    clip_g: str | None = None
     max_length: int | None = None
     device: str = "cpu"
     encoder_dtype: str = "float32"
@@ -446,7 +468,7 @@ class CaptionNpzSource(Source):
         return sorted(p for p in root.rglob("*.npz") if p.is_file() and p != root / NPZ_EMPTY_PROMPT)
 
     def _encoders(self) -> bool:
-        return self.t5 is not None or self.clip is not None
+        return any(encoder_folders(self).values())
 
     def describe(self) -> dict:
         _check_dtype(self.encoder_dtype)
@@ -454,7 +476,7 @@ class CaptionNpzSource(Source):
         empty = Path(self.folder) / NPZ_EMPTY_PROMPT
         return {"kind": self.kind, "folder": str(Path(self.folder).resolve()), "max_length": self.max_length,
                 "encoder_dtype": self.encoder_dtype, "max_caption_bytes": self.max_caption_bytes,
-                "encoders": _encoder_describe(self.t5, self.clip), "files": len(files),
+                "encoders": _encoder_describe(encoder_folders(self)), "files": len(files),
                 "stamp": files_stamp(files + ([empty] if empty.is_file() else []))}
 
     def plan(self) -> Plan:
@@ -517,9 +539,9 @@ class CaptionNpzSource(Source):
 
     def _check_encoders(self, text: TextMetadata, first: Path) -> TextMetadata:
         if self.max_length is None:
-            raise ConfigError("--max-length is needed with --t5/--clip for precomputed embeddings (the token limit "
+            raise ConfigError("--max-length is needed with text encoders for precomputed embeddings (the token limit "
                               "they were made with)")
-        enc = text_plan(self.t5, self.clip, self.max_length, [], self.max_caption_bytes)
+        enc = text_plan(encoder_folders(self), self.max_length, [], self.max_caption_bytes)
         for name in ("seq_len", "emb_dim", "pooled_dim"):
             if getattr(enc, name) != getattr(text, name):
                 raise DatasetError(f"{first}: text embeddings have {name}={getattr(text, name)} but the given encoders "
@@ -527,7 +549,8 @@ class CaptionNpzSource(Source):
         if text.pooled == "mean" and enc.pooled != "t5_mean":
             raise DatasetError(f"{first}: no text_pooled array, but the encoders pool with {enc.pooled}: store their "
                                "pooled embeddings as text_pooled")
-        return replace(text, encoders=enc.encoders, pooled=enc.pooled if text.pooled == "stored" else text.pooled)
+        return replace(text, encoders=enc.encoders, pooled=enc.pooled if text.pooled == "stored" else text.pooled,
+                       layout=enc.layout)
 
     def _read_empty_file(self, text: TextMetadata) -> dict[str, np.ndarray]:
         path = Path(self.folder) / NPZ_EMPTY_PROMPT
@@ -570,7 +593,7 @@ class CaptionNpzSource(Source):
 
     def empty_prompt(self, plan: Plan) -> dict[str, np.ndarray]:
         if self._encoders():
-            return _empty_prompt_of(cached_text_encoder(self.t5, self.clip, plan.text.max_length, self.device,
+            return _empty_prompt_of(cached_text_encoder(encoder_folders(self), plan.text.max_length, self.device,
                                                         self.encoder_dtype))
         return self._read_empty_file(plan.text)
 

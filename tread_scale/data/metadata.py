@@ -39,6 +39,8 @@ class TextMetadata:
         empty_prompt_sha256: Hash of its arrays (:func:`empty_prompt_digest`).
         truncated: Captions that had more tokens than an encoder's length (cut at conversion).
         clipped: Captions longer than ``caption_bytes`` (the stored string is cut; embeddings are not).
+        layout: How the encoders' outputs combine: ``concat`` or ``sd3`` (SD3's CLIP-L + CLIP-G + T5 layout;
+            :mod:`tread_scale.data.text_encoder`).
     """
 
     encoders: list[dict]
@@ -53,6 +55,7 @@ class TextMetadata:
     empty_prompt_sha256: str = ""
     truncated: int = 0
     clipped: int = 0
+    layout: str = "concat"
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -187,8 +190,34 @@ def check_text_against_model(meta: LatentMetadata, *, emb_dim: int, pooled_dim: 
                                    f"most {max_tokens}")
 
 
+def adopt_text_shape(model, meta: LatentMetadata, where: str) -> None:
+    """Give a text-conditioned ``model`` config the dataset's text widths and length, or check its own.
+
+    ``model.text_dim``, ``pooled_dim`` and ``text_len`` left null take the dataset's; set ones must equal it
+    (``text_len`` is what ``dry-run`` plans memory and FLOPs with, so a length the run would not train with
+    is an error, not a silent change).
+
+    Raises:
+        DatasetMismatchError: If the dataset has no captions or a set width or length differs.
+    """
+    if meta.text is None:
+        raise DatasetMismatchError(f"{where}: model {model.name or 'mmdit'} is text-conditioned but the dataset "
+                                   "has no text embeddings (convert it with `tread-scale convert captions`)")
+    seq_len, emb_dim, pooled_dim = meta.text.shape
+    if model.text_len is not None and model.text_len != seq_len:
+        raise DatasetMismatchError(
+            f"{where}: the dataset's captions are {seq_len} tokens ({meta.text.layout} layout: "
+            + " + ".join(f"{e['kind']} {e['length']}" for e in meta.text.encoders) + ") but model.text_len="
+            f"{model.text_len}; set model.text_len={seq_len} (or null to take the dataset's)")
+    model.text_dim = model.text_dim or emb_dim
+    model.pooled_dim = model.pooled_dim or pooled_dim
+    model.text_len = seq_len
+    check_text_against_model(meta, emb_dim=model.text_dim, pooled_dim=model.pooled_dim, where=where)
+
+
 def check_text_encoders(text: TextMetadata | LatentMetadata | None, *, t5: str | None = None,
-                        clip: str | None = None, where: str = "the dataset") -> None:
+                        clip: str | None = None, clip_l: str | None = None, clip_g: str | None = None,
+                        where: str = "the dataset") -> None:
     """Check that local encoder folders are the encoders a captioned dataset was converted with.
 
     Training calls this at start when it is given encoders (to encode prompts for sample grids), sampling
@@ -199,29 +228,31 @@ def check_text_encoders(text: TextMetadata | LatentMetadata | None, *, t5: str |
         text: The dataset's metadata or its ``text`` section.
         t5: Local T5 folder, if any.
         clip: Local CLIP folder, if any.
+        clip_l: Local CLIP-L folder, if any (SD3's layout).
+        clip_g: Local CLIP-G folder, if any (SD3's layout).
         where: The dataset, for messages.
 
     Raises:
         DatasetMismatchError: If the dataset has no text section.
         ConfigError: Naming the encoder, the folder and both hashes (or the kinds) that differ.
     """
-    from tread_scale.data.text_encoder import inspect_encoder
+    from tread_scale.data.text_encoder import encoder_flag, inspect_encoder
 
     if isinstance(text, LatentMetadata):
         text = text.text
     if text is None:
         raise DatasetMismatchError(f"{where} has no text embeddings (converted without captions), so no text encoder "
                                    "can match it")
-    given = {k: f for k, f in (("t5", t5), ("clip", clip)) if f is not None}
+    given = {k: f for k, f in (("t5", t5), ("clip", clip), ("clip_l", clip_l), ("clip_g", clip_g)) if f is not None}
     recorded = {e["kind"]: e for e in text.encoders}
     if not recorded:
         raise ConfigError(f"{where} holds precomputed text embeddings and records no encoders, so encoders "
-                          f"{sorted(given)} cannot be checked against it; re-convert with --t5/--clip to record them")
+                          f"{sorted(given)} cannot be checked against it; re-convert with the encoders to record them")
     if set(given) != set(recorded):
         had = ", ".join(f"{k}={e['name']}" for k, e in recorded.items())
         got = ", ".join(f"{k}={v}" for k, v in given.items()) or "none"
         raise ConfigError(f"{where} was converted with text encoder(s) {had}, but {got} were given; give exactly "
-                          + " ".join(f"--{k}" for k in sorted(recorded)))
+                          + " ".join(encoder_flag(k) for k in sorted(recorded)))
     for kind, folder in given.items():
         info, rec = inspect_encoder(folder, kind), recorded[kind]
         for field_name in ("weights_sha256", "tokenizer_sha256"):

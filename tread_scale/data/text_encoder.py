@@ -5,17 +5,32 @@ again by sampling, to encode prompts exactly as the dataset's captions were enco
 downloaded: each encoder is a folder written by ``save_pretrained`` holding the model *and* its tokenizer,
 loaded with ``local_files_only``.
 
-Kinds and how they combine (SD3's rule):
+Kinds: ``t5`` (a ``T5EncoderModel``; ``mt5``/``umt5`` folders load their own encoder classes), and ``clip``,
+``clip_l``, ``clip_g`` (each a ``CLIPTextModel`` or ``CLIPTextModelWithProjection``, the class named in
+``config.json``). They combine in one of two layouts:
 
-* ``t5``: a ``T5EncoderModel`` (``mt5``/``umt5`` folders load their own encoder classes).
-* ``clip``: a ``CLIPTextModel`` or ``CLIPTextModelWithProjection`` (the class named in ``config.json``).
-* Tokens: the last hidden state of the encoder, padded to ``length`` tokens (``max_length``; for CLIP at most
-  its ``max_position_embeddings``). With both, the CLIP tokens come first and the T5 tokens after them
-  (sequence ``length_clip + length_t5``), each zero-padded on the feature axis to the wider of the two.
+``concat`` (``--t5`` and/or ``--clip``):
+
+* Tokens: T5's last hidden state; CLIP's penultimate one (``hidden_layer`` -2, as SD3 and mosaicml/diffusion
+  take it; datasets converted before it was recorded hold the last, after the final layer norm, recorded
+  as -1, and prompts for them are encoded that way), each
+  padded to ``length`` tokens (``max_length``; for CLIP at most its ``max_position_embeddings``). With both,
+  the CLIP tokens come first and the T5 tokens after them (sequence ``length_clip + length_t5``), each
+  zero-padded on the feature axis to the wider of the two.
 * Mask: the tokenizers' attention masks, concatenated the same way (``True`` = a real token). The mask is
   also given to the encoders, so padding never changes the real tokens' embeddings.
 * Pooled: CLIP's projected output (``text_embeds``) for a ``CLIPTextModelWithProjection``, its
   ``pooler_output`` for a ``CLIPTextModel``; without CLIP, the masked mean of the T5 tokens.
+
+``sd3`` (``--clip-l``, ``--clip-g`` and ``--t5`` together): exactly what diffusers'
+``StableDiffusion3Pipeline.encode_prompt`` computes (tested against it), so SD3-precomputed embeddings and
+ours agree and SD3 weights see what they were trained on:
+
+* Tokens: CLIP-L's and CLIP-G's penultimate hidden states (77 tokens each) concatenated along features
+  (768 + 1280 = 2048 for SD3's encoders), zero-padded to the T5 width (4096), then T5's ``max_length``
+  tokens (256): 333 tokens of width 4096. As in the pipeline, the encoders see no attention mask.
+* Mask: the CLIP tokenizers' masks (either's token) for the first 77, then T5's.
+* Pooled: CLIP-L's and CLIP-G's projected outputs concatenated (2048).
 
 Encoding runs in float32 unless told otherwise; outputs are float16 (as stored in datasets).
 """
@@ -38,12 +53,15 @@ from tread_scale.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("t5", "clip")
+KINDS = ("t5", "clip", "clip_l", "clip_g")
+CLIP_KINDS = ("clip", "clip_l", "clip_g")
+#: The hidden state CLIP tokens are taken from in new conversions (SD3's penultimate layer).
+CLIP_LAYER = -2
 #: Files holding weights (hashed as the encoder's weights), and files holding the tokenizer.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "spiece.model", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
-_MODEL_TYPES = {"t5": ("t5", "mt5", "umt5"), "clip": ("clip_text_model",)}
+_MODEL_TYPES = {"t5": ("t5", "mt5", "umt5"), **{k: ("clip_text_model",) for k in CLIP_KINDS}}
 _HASHES: dict[tuple, tuple[str, str]] = {}
 
 
@@ -52,7 +70,7 @@ class EncoderInfo:
     """The facts of one encoder folder (read from its ``config.json``; nothing loaded).
 
     Attributes:
-        kind: ``t5`` or ``clip``.
+        kind: ``t5``, ``clip``, ``clip_l`` or ``clip_g``.
         path: The folder, resolved.
         model_class: The transformers class that loads it.
         width: Width of its token embeddings.
@@ -75,11 +93,14 @@ class EncoderInfo:
     def name(self) -> str:
         return Path(self.path).name
 
-    def record(self, length: int) -> dict:
-        """The encoder's entry in the dataset metadata's ``text.encoders``."""
-        return {"kind": self.kind, "name": self.name, "model_class": self.model_class, "width": self.width,
-                "pooled_width": self.pooled_width, "length": length, "weights_sha256": self.weights_sha256,
-                "tokenizer_sha256": self.tokenizer_sha256}
+    def record(self, length: int, hidden_layer: int = -1) -> dict:
+        """The encoder's entry in the dataset metadata's ``text.encoders`` (CLIP's also its ``hidden_layer``)."""
+        out = {"kind": self.kind, "name": self.name, "model_class": self.model_class, "width": self.width,
+               "pooled_width": self.pooled_width, "length": length, "weights_sha256": self.weights_sha256,
+               "tokenizer_sha256": self.tokenizer_sha256}
+        if self.kind in CLIP_KINDS:
+            out["hidden_layer"] = hidden_layer
+        return out
 
 
 def folder_hashes(folder: str | os.PathLike) -> tuple[str, str]:
@@ -119,7 +140,7 @@ def inspect_encoder(folder: str | os.PathLike, kind: str) -> EncoderInfo:
     if kind not in KINDS:
         raise ConfigError(f"text encoder kind {kind!r} is not one of {KINDS}")
     p = Path(folder)
-    flag = f"--{kind} {str(folder)!r}"
+    flag = f"{encoder_flag(kind)} {str(folder)!r}"
     if not (p / "config.json").is_file():
         raise ConfigError(f"{flag}: no config.json there; expected a local folder written by save_pretrained "
                           "(model and tokenizer; nothing is downloaded)")
@@ -151,6 +172,11 @@ def inspect_encoder(folder: str | os.PathLike, kind: str) -> EncoderInfo:
                        weights, tokenizer)
 
 
+def encoder_flag(kind: str) -> str:
+    """The command-line option of an encoder kind: ``--t5``, ``--clip``, ``--clip-l``, ``--clip-g``."""
+    return "--" + kind.replace("_", "-")
+
+
 @dataclass(frozen=True)
 class TextLayout:
     """How encoders combine into one token sequence (see the module docstring).
@@ -162,7 +188,9 @@ class TextLayout:
         seq_len: Tokens in all (``sum(lengths)``).
         emb_dim: Token width (the widest encoder's).
         pooled_dim: Pooled width.
-        pooled: Where the pooled embedding comes from: ``clip`` or ``t5_mean``.
+        pooled: Where the pooled embedding comes from: ``clip``, ``t5_mean`` or ``clip_l+clip_g``.
+        style: ``concat`` or ``sd3`` (see the module docstring).
+        clip_layer: The hidden state CLIP tokens come from (-2: penultimate; -1: last, older datasets).
     """
 
     encoders: tuple[EncoderInfo, ...]
@@ -172,26 +200,42 @@ class TextLayout:
     emb_dim: int
     pooled_dim: int
     pooled: str
+    style: str = "concat"
+    clip_layer: int = CLIP_LAYER
 
     def records(self) -> list[dict]:
-        return [e.record(n) for e, n in zip(self.encoders, self.lengths)]
+        return [e.record(n, self.clip_layer) for e, n in zip(self.encoders, self.lengths)]
 
 
-def text_layout(t5: EncoderInfo | None, clip: EncoderInfo | None, max_length: int) -> TextLayout:
-    """Combine encoder facts into a :class:`TextLayout`.
+def text_layout(t5: EncoderInfo | None, clip: EncoderInfo | None, max_length: int, *,
+                clip_l: EncoderInfo | None = None, clip_g: EncoderInfo | None = None,
+                clip_layer: int = CLIP_LAYER) -> TextLayout:
+    """Combine encoder facts into a :class:`TextLayout` (``sd3`` when CLIP-L and CLIP-G are given).
 
     Raises:
-        ConfigError: If neither encoder is given or ``max_length`` is not positive.
+        ConfigError: If no encoder is given, the SD3 trio is incomplete or mixed with ``--clip``, or
+            ``max_length`` is not positive.
     """
-    if t5 is None and clip is None:
-        raise ConfigError("no text encoder: give a T5 folder (--t5), a CLIP folder (--clip), or both")
     if max_length < 1:
         raise ConfigError(f"--max-length must be >= 1, got {max_length}")
+    if clip_l is not None or clip_g is not None:
+        if clip_l is None or clip_g is None or t5 is None or clip is not None:
+            raise ConfigError("SD3's text layout takes --clip-l, --clip-g and --t5 together (and no --clip); given: "
+                              + ", ".join(encoder_flag(k) for k, e in (("t5", t5), ("clip", clip), ("clip_l", clip_l),
+                                                                        ("clip_g", clip_g)) if e is not None))
+        clip_len = min(clip_l.position_limit or 77, clip_g.position_limit or 77)
+        encoders = (clip_l, clip_g, t5)
+        return TextLayout(encoders, (clip_len, clip_len, max_length), max_length, clip_len + max_length,
+                          max(clip_l.width + clip_g.width, t5.width), clip_l.pooled_width + clip_g.pooled_width,
+                          "clip_l+clip_g", "sd3", CLIP_LAYER)
+    if t5 is None and clip is None:
+        raise ConfigError("no text encoder: give a T5 folder (--t5), a CLIP folder (--clip), both, or SD3's trio "
+                          "(--clip-l, --clip-g, --t5)")
     encoders = tuple(e for e in (clip, t5) if e is not None)
     lengths = tuple(min(max_length, e.position_limit or max_length) for e in encoders)
     pooled = clip.pooled_width if clip is not None else t5.width
     return TextLayout(encoders, lengths, max_length, sum(lengths), max(e.width for e in encoders), pooled,
-                      "clip" if clip is not None else "t5_mean")
+                      "clip" if clip is not None else "t5_mean", "concat", clip_layer)
 
 
 def _model_class(name: str):
@@ -220,24 +264,30 @@ class TextEncoder:
 
     @classmethod
     def from_folders(cls, t5: str | os.PathLike | None = None, clip: str | os.PathLike | None = None, *,
+                     clip_l: str | os.PathLike | None = None, clip_g: str | os.PathLike | None = None,
                      max_length: int = 77, device: str | torch.device = "cpu",
-                     dtype: torch.dtype = torch.float32) -> TextEncoder:
+                     dtype: torch.dtype = torch.float32, clip_layer: int = CLIP_LAYER) -> TextEncoder:
         """Load the encoders (and their tokenizers) from local ``save_pretrained`` folders.
 
         Args:
             t5: Folder of a T5 encoder and its tokenizer.
             clip: Folder of a CLIP text model and its tokenizer.
-            max_length: Tokens per encoder (CLIP: at most its position limit).
+            clip_l: CLIP-L's folder (SD3's layout, with ``clip_g`` and ``t5``).
+            clip_g: CLIP-G's folder (SD3's layout).
+            max_length: Tokens per encoder (CLIP: at most its position limit; SD3's layout: T5's tokens).
             device: Where to run them.
             dtype: Compute dtype (float32 by default; T5 overflows in float16, use bfloat16 to save memory).
+            clip_layer: The ``concat`` layout's CLIP hidden state (-2 penultimate; -1 for older datasets).
 
         Raises:
             ConfigError: Naming the folder that is missing, of the wrong kind, or cannot be loaded.
         """
         from transformers import AutoTokenizer
 
-        infos = {k: inspect_encoder(f, k) for k, f in (("t5", t5), ("clip", clip)) if f is not None}
-        layout = text_layout(infos.get("t5"), infos.get("clip"), max_length)
+        folders = {"t5": t5, "clip": clip, "clip_l": clip_l, "clip_g": clip_g}
+        infos = {k: inspect_encoder(f, k) for k, f in folders.items() if f is not None}
+        layout = text_layout(infos.get("t5"), infos.get("clip"), max_length, clip_l=infos.get("clip_l"),
+                             clip_g=infos.get("clip_g"), clip_layer=clip_layer)
         device = torch.device(device)
         tokenizers, models = [], []
         for info in layout.encoders:
@@ -245,26 +295,32 @@ class TextEncoder:
                 tok = AutoTokenizer.from_pretrained(info.path, local_files_only=True)
                 model = _model_class(info.model_class).from_pretrained(info.path, local_files_only=True, dtype=dtype)
             except (OSError, ValueError) as e:
-                raise ConfigError(f"--{info.kind} {info.path!r}: cannot load a {info.model_class} and its tokenizer: "
-                                  f"{e}") from None
+                raise ConfigError(f"{encoder_flag(info.kind)} {info.path!r}: cannot load a {info.model_class} and its "
+                                  f"tokenizer: {e}") from None
             if tok.pad_token is None:
-                raise ConfigError(f"--{info.kind} {info.path!r}: its tokenizer has no pad token")
+                raise ConfigError(f"{encoder_flag(info.kind)} {info.path!r}: its tokenizer has no pad token")
             tokenizers.append(tok)
             models.append(model.to(device).eval().requires_grad_(False))
-        log.info("text encoders %s: %d tokens of width %d, pooled width %d (%s)",
-                 ", ".join(f"{e.kind}={e.name}" for e in layout.encoders), layout.seq_len, layout.emb_dim,
-                 layout.pooled_dim, layout.pooled)
+        log.info("text encoders %s (%s layout): %d tokens of width %d, pooled width %d (%s)",
+                 ", ".join(f"{e.kind}={e.name}" for e in layout.encoders), layout.style, layout.seq_len,
+                 layout.emb_dim, layout.pooled_dim, layout.pooled)
         return cls(layout, tokenizers, models, device, dtype)
 
     @classmethod
-    def for_dataset(cls, text_meta, t5: str | None = None, clip: str | None = None, *,
-                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> TextEncoder:
+    def for_dataset(cls, text_meta, t5: str | None = None, clip: str | None = None, *, clip_l: str | None = None,
+                    clip_g: str | None = None, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> TextEncoder:
         """The encoders a dataset was converted with, checked against its metadata (for sampling prompts).
+
+        Encodes as the dataset was encoded: its layout and its recorded CLIP hidden layer (-1 when older
+        metadata records none).
 
         Args:
             text_meta: The dataset's :class:`~tread_scale.data.metadata.TextMetadata` (``meta.text``).
             t5: Local T5 folder (needed when the dataset used one).
             clip: Local CLIP folder (needed when the dataset used one).
+            clip_l: Local CLIP-L folder (SD3's layout).
+            clip_g: Local CLIP-G folder (SD3's layout).
             device: Where to run them.
             dtype: Compute dtype.
 
@@ -273,8 +329,9 @@ class TextEncoder:
         """
         from tread_scale.data.metadata import check_text_encoders
 
-        check_text_encoders(text_meta, t5=t5, clip=clip)
-        return cls.from_folders(t5=t5, clip=clip, max_length=text_meta.max_length, device=device, dtype=dtype)
+        check_text_encoders(text_meta, t5=t5, clip=clip, clip_l=clip_l, clip_g=clip_g)
+        return cls.from_folders(t5=t5, clip=clip, clip_l=clip_l, clip_g=clip_g, max_length=text_meta.max_length,
+                                device=device, dtype=dtype, clip_layer=recorded_clip_layer(text_meta))
 
     @torch.no_grad()
     def encode(self, captions: Sequence[str], batch_size: int | None = None,
@@ -305,6 +362,8 @@ class TextEncoder:
                 "truncated": [t for p in parts for t in p["truncated"]]}
 
     def _encode(self, captions: list[str], out_dtype: torch.dtype) -> dict[str, Any]:
+        if self.layout.style == "sd3":
+            return self._encode_sd3(captions, out_dtype)
         lay = self.layout
         embs, masks, pooled = [], [], None
         truncated = [False] * len(captions)
@@ -315,8 +374,10 @@ class TextEncoder:
             batch = tok(captions, padding="max_length", truncation=True, max_length=length, return_tensors="pt",
                         return_token_type_ids=False)
             ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-            out = model(input_ids=ids, attention_mask=mask)
-            hidden = out.last_hidden_state.float()
+            penultimate = info.kind == "clip" and lay.clip_layer != -1
+            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=penultimate)
+            # -1 is the last hidden state *after* CLIP's final layer norm (what older datasets hold)
+            hidden = (out.hidden_states[lay.clip_layer] if penultimate else out.last_hidden_state).float()
             if info.kind == "clip":
                 pooled = (out.text_embeds if info.model_class == "CLIPTextModelWithProjection"
                           else out.pooler_output).float()
@@ -328,6 +389,39 @@ class TextEncoder:
         return {"text_emb": torch.cat(embs, dim=1).to(out_dtype).cpu(),
                 "text_mask": torch.cat(masks, dim=1).cpu(),
                 "text_pooled": pooled.to(out_dtype).cpu(), "truncated": truncated}
+
+    def _encode_sd3(self, captions: list[str], out_dtype: torch.dtype) -> dict[str, Any]:
+        """SD3's layout, as ``StableDiffusion3Pipeline.encode_prompt`` computes it (module docstring)."""
+        lay = self.layout
+        truncated = [False] * len(captions)
+        clip_tokens, clip_pooled, clip_mask, t5 = [], [], None, None
+        for info, length, tok, model in zip(lay.encoders, lay.lengths, self.tokenizers, self.models):
+            full = tok(captions, add_special_tokens=True, truncation=False, return_attention_mask=False,
+                       verbose=False)["input_ids"]
+            truncated = [t or len(ids) > length for t, ids in zip(truncated, full)]
+            batch = tok(captions, padding="max_length", truncation=True, max_length=length, return_tensors="pt",
+                        return_token_type_ids=False)
+            ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device).bool()
+            if info.kind == "t5":
+                t5 = (model(input_ids=ids).last_hidden_state.float(), mask)
+                continue
+            out = model(input_ids=ids, output_hidden_states=True)
+            clip_tokens.append(out.hidden_states[lay.clip_layer].float())
+            clip_pooled.append((out.text_embeds if info.model_class == "CLIPTextModelWithProjection"
+                                else out.pooler_output).float())
+            clip_mask = mask if clip_mask is None else clip_mask | mask
+        clip = torch.nn.functional.pad(torch.cat(clip_tokens, dim=-1), (0, lay.emb_dim - sum(
+            t.shape[-1] for t in clip_tokens)))
+        t5_emb = torch.nn.functional.pad(t5[0], (0, lay.emb_dim - t5[0].shape[-1]))
+        return {"text_emb": torch.cat([clip, t5_emb], dim=1).to(out_dtype).cpu(),
+                "text_mask": torch.cat([clip_mask, t5[1]], dim=1).cpu(),
+                "text_pooled": torch.cat(clip_pooled, dim=-1).to(out_dtype).cpu(), "truncated": truncated}
+
+
+def recorded_clip_layer(text_meta) -> int:
+    """The CLIP hidden layer a dataset's tokens came from (-1, the last, when its metadata records none)."""
+    layers = [e.get("hidden_layer", -1) for e in getattr(text_meta, "encoders", []) if e.get("kind") in CLIP_KINDS]
+    return int(layers[0]) if layers else CLIP_LAYER
 
 
 # --------------------------------------------------------------------------- tiny encoders for tests and the demo
@@ -362,8 +456,8 @@ def build_tiny_text_encoder(folder: str | os.PathLike, kind: str = "t5", seed: i
 
     Args:
         folder: Output folder (created).
-        kind: ``t5`` (a ``T5EncoderModel``) or ``clip`` (a ``CLIPTextModelWithProjection`` when
-            ``projection``, else a ``CLIPTextModel``).
+        kind: ``t5`` (a ``T5EncoderModel``) or a CLIP kind (``clip``, ``clip_l``, ``clip_g``: a
+            ``CLIPTextModelWithProjection`` when ``projection``, else a ``CLIPTextModel``).
         seed: Seed of the random weights.
         vocab: Words it knows; others become ``<unk>``.
         width: Hidden width.

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 def sample_to_folder(weights: str, out: str, *, num: int | None = None, seed: int = 0,
                      labels: list[int] | None = None, prompts: list[str] | None = None, t5: str | None = None,
-                     clip: str | None = None, steps: int | None = None, guidance: Guidance | None = None,
+                     clip: str | None = None, clip_l: str | None = None, clip_g: str | None = None,
+                     steps: int | None = None, guidance: Guidance | None = None,
                      vae: str | None = None, batch_size: int = 64, device: str = "auto",
                      grid_max: int = DEFAULT_GRID_MAX) -> dict[str, Path]:
     """Sample ``num`` images and write ``grid.png`` and ``samples.npz`` into ``out`` (rank 0).
@@ -50,6 +51,8 @@ def sample_to_folder(weights: str, out: str, *, num: int | None = None, seed: in
         prompts: Prompts to cycle through; text-to-image weights only (and required for them).
         t5: Local T5 encoder folder (default: the one recorded with the weights).
         clip: Local CLIP encoder folder (default: the one recorded with the weights).
+        clip_l: Local CLIP-L folder, SD3's layout (default: the one recorded with the weights).
+        clip_g: Local CLIP-G folder, SD3's layout (default: the one recorded with the weights).
         steps: Sampler steps (default: 40 for EDM-Heun, 50 for RF-Euler).
         guidance: CFG / TREAD guidance, or ``None``.
         vae: Local VAE folder to decode latents, or ``None``.
@@ -79,7 +82,7 @@ def sample_to_folder(weights: str, out: str, *, num: int | None = None, seed: in
     prompt_set: PromptSet | None = None
     default_labels = labels is None
     if text_model:
-        prompt_set = _encode(meta, path, prompts, t5, clip, dev)
+        prompt_set = _encode(meta, path, prompts, {"t5": t5, "clip": clip, "clip_l": clip_l, "clip_g": clip_g}, dev)
         labels = None
     else:
         labels = labels if labels is not None else [i % num_classes for i in range(num)]
@@ -144,13 +147,13 @@ def _check_conditioning(meta: WeightsMeta, path: Path, labels: list[int] | None,
     return text_model
 
 
-def _encode(meta: WeightsMeta, path: Path, prompts: list[str], t5: str | None, clip: str | None, dev) -> PromptSet:
+def _encode(meta: WeightsMeta, path: Path, prompts: list[str], given: dict[str, str | None], dev) -> PromptSet:
     """The prompts encoded with the given encoder folders, or those recorded with the weights."""
     text_meta = meta.data.text_metadata()
     if text_meta is None:
         raise ConfigError(f"{path}: the weights record no text facts of their training data (encoders, hashes), so "
                           "prompts cannot be encoded to match; re-export them with this version of tread_scale")
     recorded = meta.text or {}
-    t5, clip = t5 or recorded.get("t5"), clip or recorded.get("clip")
-    return encode_prompts(prompts, text_meta, t5=t5, clip=clip, device=dev,
+    folders = {k: v or recorded.get(k) for k, v in given.items()}
+    return encode_prompts(prompts, text_meta, **folders, device=dev,
                           where=f"the training data of {path.name} ({meta.run_name or 'imported weights'})")

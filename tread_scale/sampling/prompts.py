@@ -70,8 +70,8 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
 
 
 def encode_prompts(prompts: Sequence[str], text_meta, *, t5: str | None = None, clip: str | None = None,
-                   device: torch.device | str = "cpu", where: str = "the training data",
-                   flags: tuple[str, str] = ("--t5", "--clip")) -> PromptSet:
+                   clip_l: str | None = None, clip_g: str | None = None, device: torch.device | str = "cpu",
+                   where: str = "the training data", flag_prefix: str = "--") -> PromptSet:
     """Encode ``prompts`` exactly as the training captions were encoded.
 
     The encoder folders are first checked against ``text_meta`` (kinds and content hashes of weights and
@@ -83,9 +83,12 @@ def encode_prompts(prompts: Sequence[str], text_meta, *, t5: str | None = None, 
             weights' :meth:`~tread_scale.weights.DataFacts.text_metadata`).
         t5: Local T5 folder (needed when the data used one).
         clip: Local CLIP folder (needed when the data used one).
+        clip_l: Local CLIP-L folder (SD3's layout).
+        clip_g: Local CLIP-G folder (SD3's layout).
         device: Where to run the encoders.
         where: What ``text_meta`` describes, for messages (e.g. the weight file).
-        flags: How the caller names the T5 and CLIP folders (``--t5``/``--clip`` or ``text.t5``/``text.clip``).
+        flag_prefix: How the caller names the folders: ``--`` (``--t5``, ``--clip-l``) or ``text.``
+            (``text.t5``, ``text.clip_l``).
 
     Returns:
         The prompts and their condition (float32, CPU).
@@ -94,14 +97,15 @@ def encode_prompts(prompts: Sequence[str], text_meta, *, t5: str | None = None, 
         ConfigError: If no prompt is given, a folder is missing, or the encoders are not the recorded ones.
     """
     from tread_scale.data.metadata import check_text_encoders
-    from tread_scale.data.text_encoder import TextEncoder
+    from tread_scale.data.text_encoder import TextEncoder, encoder_flag, recorded_clip_layer
 
     prompts = [str(p) for p in prompts]
     if not prompts:
         raise ConfigError("no prompt given")
     recorded = {e["kind"]: e for e in text_meta.encoders}
-    given = {"t5": t5, "clip": clip}
-    for kind, flag in zip(("t5", "clip"), flags):
+    given = {"t5": t5, "clip": clip, "clip_l": clip_l, "clip_g": clip_g}
+    for kind in given:
+        flag = encoder_flag(kind) if flag_prefix == "--" else f"{flag_prefix}{kind}"
         rec = recorded.get(kind)
         if rec is not None and not given[kind]:
             raise ConfigError(f"{where} was embedded with the {kind} encoder {rec['name']!r} (sha256 "
@@ -112,8 +116,9 @@ def encode_prompts(prompts: Sequence[str], text_meta, *, t5: str | None = None, 
         if rec is None and given[kind]:
             raise ConfigError(f"{flag} {given[kind]!r}: {where} was embedded without a {kind} encoder "
                               f"(encoders: {', '.join(sorted(recorded)) or 'none recorded'}); leave {flag} out")
-    check_text_encoders(text_meta, t5=t5, clip=clip, where=where)
-    encoder = TextEncoder.from_folders(t5=t5, clip=clip, max_length=text_meta.max_length, device=device)
+    check_text_encoders(text_meta, **given, where=where)
+    encoder = TextEncoder.from_folders(**given, max_length=text_meta.max_length, device=device,
+                                       clip_layer=recorded_clip_layer(text_meta))
     encoded = encoder.encode(prompts)
     cut = [p for p, t in zip(prompts, encoded["truncated"]) if t]
     if cut:

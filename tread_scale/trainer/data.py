@@ -33,28 +33,19 @@ def prepare_data_access(cfg: RunConfig) -> LatentMetadata:
 
 
 def adopt_text_widths(cfg: RunConfig, meta: LatentMetadata) -> None:
-    """A text-conditioned model takes the dataset's text widths (``model.text_dim``/``pooled_dim``/``text_len``
-    left null) or must match them; the ``text`` section's encoders must be the dataset's.
+    """A text-conditioned model takes the dataset's text widths and length (:func:`~tread_scale.data.metadata.
+    adopt_text_shape`); the ``text`` section's encoders must be the dataset's.
 
     Raises:
-        DatasetMismatchError: If the dataset has no captions or its widths differ from the model's.
-        ConfigError: If ``text.t5``/``text.clip`` are not the encoders the dataset was converted with.
+        DatasetMismatchError: If the dataset has no captions or its widths or length differ from the model's.
+        ConfigError: If the ``text`` section's encoders are not the ones the dataset was converted with.
     """
-    from tread_scale.data.metadata import check_text_against_model, check_text_encoders
-    from tread_scale.errors import DatasetMismatchError
+    from tread_scale.data.metadata import adopt_text_shape, check_text_encoders
 
     where = cfg.data.remote
-    if meta.text is None:
-        raise DatasetMismatchError(f"{where}: model {cfg.model.name or 'mmdit'} is text-conditioned but the dataset "
-                                   "has no text embeddings (convert it with `tread-scale convert captions`)")
-    seq_len, emb_dim, pooled_dim = meta.text.shape
-    m = cfg.model
-    m.text_dim = m.text_dim or emb_dim
-    m.pooled_dim = m.pooled_dim or pooled_dim
-    m.text_len = m.text_len or seq_len
-    check_text_against_model(meta, emb_dim=m.text_dim, pooled_dim=m.pooled_dim, where=where)
-    if cfg.text.t5 or cfg.text.clip:
-        check_text_encoders(meta, t5=cfg.text.t5, clip=cfg.text.clip, where=where)
+    adopt_text_shape(cfg.model, meta, where)
+    if any(cfg.text.folders().values()):
+        check_text_encoders(meta, **cfg.text.folders(), where=where)
 
 
 def build_dataloader(cfg: RunConfig, meta: LatentMetadata, batch_size: int) -> DataLoader:

@@ -91,12 +91,11 @@ def grid_prompts(cfg, meta: LatentMetadata, rank: int):
         return None
     s = cfg.sampling
     if s.prompts:
-        if not (cfg.text.t5 or cfg.text.clip):
+        if not any(cfg.text.folders().values()):
             raise ConfigError("sampling.prompts needs the text encoders to embed them: set text.t5 and/or text.clip "
                               "to the local folders the dataset was converted with (or leave sampling.prompts "
                               "unset to sample the dataset's own first captions)")
-        return encode_prompts(s.prompts, meta.text, t5=cfg.text.t5, clip=cfg.text.clip, where=cfg.data.remote,
-                              flags=("text.t5", "text.clip"))
+        return encode_prompts(s.prompts, meta.text, **cfg.text.folders(), where=cfg.data.remote, flag_prefix="text.")
     prompts = dataset_prompts(cfg.data.remote, s.num_images, cfg.data.split)
     log.info("sample grids show the captions of the dataset's first %d samples (set sampling.prompts to choose)",
              len(prompts))
