@@ -81,10 +81,8 @@ def export_diffusers(weights: str | Path, out_dir: str | Path) -> Path:
     state, meta = load_weights_and_meta(weights)
     if meta.model_config().model_family() != "dit":
         raise CheckpointError(
-            f"{weights} holds a text-to-image MMDiT; export writes diffusers' class-conditional DiT layout "
-            "(DiTTransformer2DModel: one token stream, class-label adaLN), which has no text stream, joint "
-            "attention or pooled-text conditioning to hold it. Use the .safetensors file itself (tread-scale "
-            "sample, model.init_from)")
+            f"{weights} holds a text-to-image MMDiT, which DiTTransformer2DModel cannot hold; it exports as an "
+            "SD3Transformer2DModel (tread_scale.sd3.export_sd3_diffusers; `tread-scale export` picks it)")
     config = _diffusers_config(meta)
     model = DiTTransformer2DModel(**config)
     mapped = to_diffusers_state(state, config["num_layers"])

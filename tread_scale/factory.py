@@ -29,7 +29,8 @@ def build_net(cfg: ModelConfig, routes: Sequence[Route] = (), routing_seed: int 
                 hidden_size=size.hidden_size, depth=size.depth, num_heads=size.num_heads, mlp_ratio=size.mlp_ratio,
                 text_dim=cfg.text_dim or DEFAULT_TEXT_DIM, pooled_dim=cfg.pooled_dim or DEFAULT_POOLED_DIM,
                 text_len=cfg.text_len or DEFAULT_TEXT_LEN, pos_embed=cfg.pos_embed or "rope", qk_norm=cfg.qk_norm,
-                init=cfg.init, timestep_scale=timestep_scale(cfg), text_mask=cfg.text_mask)
+                init=cfg.init, timestep_scale=timestep_scale(cfg), text_mask=cfg.text_mask,
+                pos_embed_max_size=cfg.pos_embed_max_size)
     if routes:
         net.attach_router(TokenRouter(routes, seed=routing_seed, rank=rank))
     return net

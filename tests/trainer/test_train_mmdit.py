@@ -1,7 +1,7 @@
 """End-to-end text-to-image training: ``tread-scale convert captions`` straight to a real S3 server (s3rver), a
 tiny TREAD MMDiT streamed from it with checkpoints on it, an exact autoresume from object storage alone, and
 what the exported EMA weights are good for (``load_net``, ``sample``, ``plot``, a fine-tune's ``model.init_from``;
-``export`` refuses them: diffusers' DiT layout has no place for an MMDiT)."""
+``export`` of a RoPE MMDiT is refused: diffusers' SD3 has only its stored position table)."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def test_captions_to_s3_then_mmdit_streams_checkpoints_and_resumes_exactly_from_
         out = net(torch.randn(2, 3, 8, 8), torch.rand(2), net.null_condition.expand(2))
     assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
 
-    # sample (prompts encoded by the encoder the dataset records) and plot apply; export does not
+    # sample (prompts encoded by the encoder the dataset records) and plot apply; export needs SD3's positions
     assert main(["sample", str(resumed), "--out", str(tmp_path / "samples"), "--prompt", demo_caption(0),
                  "--t5", str(tmp_path / "t5"), "--num", "2", "--steps", "2"]) == 0
     assert (tmp_path / "samples" / "grid.png").is_file()
@@ -112,7 +112,7 @@ def test_captions_to_s3_then_mmdit_streams_checkpoints_and_resumes_exactly_from_
     capsys.readouterr()
     assert main(["export", str(resumed), "--out", str(tmp_path / "diffusers")]) == 2
     err = capsys.readouterr().err
-    assert "holds a text-to-image MMDiT" in err and "DiTTransformer2DModel" in err, err
+    assert "model.pos_embed='rope'" in err and "diffusers' SD3" in err, err
     assert not (tmp_path / "diffusers").exists()
     # fid refuses before any reference or sample work: its samples are drawn per class label
     from tread_scale.evaluation.inception import FIDInception, save_inception

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from tread_scale.trainer.builder import train
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, owns_process=True)
+    result = train(cfg, owns_process=getattr(args, "owns_process", False))
     if not result.completed:
         of = f" of {result.max_batches}" if result.max_batches is not None else f" (max_duration {cfg.train.max_duration})"
         log.warning("stopped at batch %d%s by %s; checkpoint saved in %s; rerun the same command to resume "

@@ -27,8 +27,9 @@ class ModelConfig:
 
     MMDiT only: ``text_dim``, ``pooled_dim`` and ``text_len`` (per-token and pooled text-embedding widths, padded
     text length) default to the training dataset's (its metadata records them; ``dry-run`` without data uses
-    T5-XXL's 4096, CLIP-L+G's 2048 and 256); ``pos_embed`` (``rope`` by default; the DiT always uses
-    ``sincos``) and ``qk_norm``. ``num_classes`` does not apply to an MMDiT. ``text_mask``: mask padded text
+    T5-XXL's 4096, CLIP-L+G's 2048 and 256); ``pos_embed`` (``rope`` by default; ``sd3``: SD3's stored table of
+    ``pos_embed_max_size``² positions, centre-cropped to the latent grid, as imported SD3 weights use; the
+    DiT always uses ``sincos``) and ``qk_norm``. ``num_classes`` does not apply to an MMDiT. ``text_mask``: mask padded text
     tokens out of the joint attention (true, exact for any padding) or attend to them as SD3 and Flux do
     (false: no mask, so attention may take the flash kernel).
 
@@ -53,7 +54,8 @@ class ModelConfig:
     text_dim: int | None = None
     pooled_dim: int | None = None
     text_len: int | None = None
-    pos_embed: Literal["sincos", "learned", "rope"] | None = None
+    pos_embed: Literal["sincos", "learned", "rope", "sd3"] | None = None
+    pos_embed_max_size: int | None = None
     qk_norm: bool = True
     timestep_scale: float | None = None
     text_mask: bool = True

@@ -123,6 +123,13 @@ def validate_family(model, size, text=None, prompts=None) -> None:
         value = getattr(model, key)
         if value is not None and value < 1:
             raise ConfigError(f"model.{key} must be >= 1, got {value}")
+    if model.pos_embed == "sd3":
+        side = model.input_size // model.size()[1]
+        if not (model.pos_embed_max_size or 0) >= side:
+            raise ConfigError(f"model.pos_embed=sd3 needs model.pos_embed_max_size >= the latent grid's side {side} "
+                              f"(SD3 and SD3.5: 192), got {model.pos_embed_max_size}")
+    elif model.pos_embed_max_size is not None:
+        raise ConfigError("model.pos_embed_max_size applies to model.pos_embed=sd3 only")
     if (model.pos_embed or "rope") == "rope" and (size.hidden_size // size.num_heads) % 4:
         raise ConfigError(f"model.pos_embed=rope needs a head dimension divisible by 4; hidden_size "
                           f"{size.hidden_size} / num_heads {size.num_heads} = {size.hidden_size // size.num_heads}")

@@ -9,8 +9,10 @@ empty prompt whose text is all padding.
 Design choices (documented here because they differ between peers):
 
 * **Positions** (``pos_embed``): ``sincos`` (a fixed 2-D table added once after the patch embedding, as in
-  the DiT), ``learned`` (the same, trainable) or ``rope`` (2-D rotary embedding of the image queries and
-  keys, :mod:`tread_scale.models.rope`). Text tokens get **no** position signal from this model: the text
+  the DiT), ``learned`` (the same, trainable), ``rope`` (2-D rotary embedding of the image queries and
+  keys, :mod:`tread_scale.models.rope`) or ``sd3`` (SD3's table for a ``pos_embed_max_size``² grid, stored
+  with the weights and centre-cropped to the latent's grid: any size up to the maximum uses the same
+  table, as SD3's does; fixed during training, like diffusers' buffer). Text tokens get **no** position signal from this model: the text
   encoder's output is already contextual, and no rotation is the same as Flux's all-zero text position ids.
 * **Last block**: as in SD3, its text stream has no output. It only supplies keys and values (a ``kv``
   projection, no query, output projection or MLP; shift/scale modulation only), and only image tokens query.
@@ -53,7 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PosEmbed = Literal["sincos", "learned", "rope"]
+PosEmbed = Literal["sincos", "learned", "rope", "sd3"]
 
 
 class PooledEmbedder(nn.Module):
@@ -220,6 +222,7 @@ class MMDiT(PatchTokenNet):
         init: ``adaln_zero`` (zeroed modulation and output layer) or ``xavier_all`` (xavier everywhere, as the
             TREAD reference does for the DiT).
         timestep_scale: Multiplier of ``t`` before the timestep sinusoid (1000 for rectified flow, as SD3).
+        pos_embed_max_size: Side of SD3's position table (``pos_embed='sd3'``; 192 in SD3 and SD3.5).
         text_mask: Mask padded text tokens out of the joint attention (exact for any padding). ``False`` is
             SD3's and Flux's choice: every text token, padding included, is a key; no mask is passed, so SDPA
             may take its flash kernel.
@@ -249,6 +252,7 @@ class MMDiT(PatchTokenNet):
         init: InitMode = "adaln_zero",
         timestep_scale: float = 1.0,
         text_mask: bool = True,
+        pos_embed_max_size: int | None = None,
     ) -> None:
         super().__init__()
         h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
@@ -256,8 +260,11 @@ class MMDiT(PatchTokenNet):
             raise ValueError(f"patch_size {patch_size} does not divide the latent size {h}x{w}")
         if init not in ("adaln_zero", "xavier_all"):
             raise ValueError(f"init must be 'adaln_zero' or 'xavier_all', got {init!r}")
-        if pos_embed not in ("sincos", "learned", "rope"):
-            raise ValueError(f"pos_embed must be 'sincos', 'learned' or 'rope', got {pos_embed!r}")
+        if pos_embed not in ("sincos", "learned", "rope", "sd3"):
+            raise ValueError(f"pos_embed must be 'sincos', 'learned', 'rope' or 'sd3', got {pos_embed!r}")
+        if pos_embed == "sd3" and not (pos_embed_max_size and pos_embed_max_size >= max(h, w) // patch_size):
+            raise ValueError(f"pos_embed='sd3' needs pos_embed_max_size >= the latent grid's side "
+                             f"{max(h, w) // patch_size}, got {pos_embed_max_size}")
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
         if hidden_size % num_heads:
@@ -276,6 +283,7 @@ class MMDiT(PatchTokenNet):
         self.pos_embed_type = pos_embed
         self.qk_norm = qk_norm
         self.rope_theta = rope_theta
+        self.pos_embed_max_size = pos_embed_max_size if pos_embed == "sd3" else None
         self.text_len = text_len
         self.grid = (h // patch_size, w // patch_size)
         self.num_tokens = self.grid[0] * self.grid[1]
@@ -290,6 +298,9 @@ class MMDiT(PatchTokenNet):
             self.register_buffer("pos_embed", sincos_2d(hidden_size, *self.grid).unsqueeze(0), persistent=True)
         elif pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, hidden_size))
+        elif pos_embed == "sd3":
+            m = int(pos_embed_max_size)
+            self.register_buffer("pos_embed", sincos_2d(hidden_size, m, m).unsqueeze(0), persistent=True)
         else:
             self.pos_embed = None
         self.blocks = nn.ModuleList(
@@ -390,10 +401,17 @@ class MMDiT(PatchTokenNet):
         """
         img = self.x_embedder(x).float()
         if self.pos_embed is not None:
-            img = img + self.pos_embed
+            img = img + (self.cropped_pos_embed() if self.pos_embed_max_size else self.pos_embed)
         txt = self.context_embedder(cond.emb.to(self.context_embedder.weight.dtype)).float()
         c = self.t_embedder(t) + self.pooled_embedder(cond.pooled.to(img.dtype))
         return img, txt, c
+
+    def cropped_pos_embed(self) -> torch.Tensor:
+        """``(1, N, D)``: the centre ``grid`` of SD3's ``pos_embed_max_size``² table (``pos_embed='sd3'``)."""
+        m, (gh, gw) = self.pos_embed_max_size, self.grid
+        top, left = (m - gh) // 2, (m - gw) // 2
+        table = self.pos_embed.reshape(1, m, m, -1)[:, top:top + gh, left:left + gw, :]
+        return table.reshape(1, gh * gw, -1)
 
     def rope_table(self, device: torch.device | str | None = None) -> torch.Tensor | None:
         """``(1, N, head_dim)`` float32 RoPE table of the image tokens (None unless ``pos_embed='rope'``)."""
