@@ -361,6 +361,17 @@ class TextEncoder:
                 "text_pooled": torch.cat([p["text_pooled"] for p in parts]),
                 "truncated": [t for p in parts for t in p["truncated"]]}
 
+    def _tokens(self, tok, captions: list[str], length: int, truncated: list[bool]
+                ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+        """Token ids and attention mask padded to ``length`` (on the device), and ``truncated`` updated with the
+        captions this tokenizer had to cut."""
+        full = tok(captions, add_special_tokens=True, truncation=False, return_attention_mask=False,
+                   verbose=False)["input_ids"]
+        truncated = [t or len(ids) > length for t, ids in zip(truncated, full)]
+        batch = tok(captions, padding="max_length", truncation=True, max_length=length, return_tensors="pt",
+                    return_token_type_ids=False)
+        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device), truncated
+
     def _encode(self, captions: list[str], out_dtype: torch.dtype) -> dict[str, Any]:
         if self.layout.style == "sd3":
             return self._encode_sd3(captions, out_dtype)
@@ -368,12 +379,7 @@ class TextEncoder:
         embs, masks, pooled = [], [], None
         truncated = [False] * len(captions)
         for info, length, tok, model in zip(lay.encoders, lay.lengths, self.tokenizers, self.models):
-            full = tok(captions, add_special_tokens=True, truncation=False, return_attention_mask=False,
-                       verbose=False)["input_ids"]
-            truncated = [t or len(ids) > length for t, ids in zip(truncated, full)]
-            batch = tok(captions, padding="max_length", truncation=True, max_length=length, return_tensors="pt",
-                        return_token_type_ids=False)
-            ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            ids, mask, truncated = self._tokens(tok, captions, length, truncated)
             penultimate = info.kind == "clip" and lay.clip_layer != -1
             out = model(input_ids=ids, attention_mask=mask, output_hidden_states=penultimate)
             # -1 is the last hidden state *after* CLIP's final layer norm (what older datasets hold)
@@ -396,12 +402,8 @@ class TextEncoder:
         truncated = [False] * len(captions)
         clip_tokens, clip_pooled, clip_mask, t5 = [], [], None, None
         for info, length, tok, model in zip(lay.encoders, lay.lengths, self.tokenizers, self.models):
-            full = tok(captions, add_special_tokens=True, truncation=False, return_attention_mask=False,
-                       verbose=False)["input_ids"]
-            truncated = [t or len(ids) > length for t, ids in zip(truncated, full)]
-            batch = tok(captions, padding="max_length", truncation=True, max_length=length, return_tensors="pt",
-                        return_token_type_ids=False)
-            ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device).bool()
+            ids, mask, truncated = self._tokens(tok, captions, length, truncated)
+            mask = mask.bool()
             if info.kind == "t5":
                 t5 = (model(input_ids=ids).last_hidden_state.float(), mask)
                 continue
