@@ -103,9 +103,9 @@ def train(cfg: RunConfig, *, owns_process: bool = False) -> TrainResult:
 
     Every wait is bounded: the barriers at the start and end (``train.barrier_timeout``, naming absent
     ranks), each batch from the DataLoader workers (:mod:`tread_scale.data.worker_watch`), every other
-    collective (``train.collective_timeout``). However training ends, the DataLoader workers and any other
-    child process started here are ended within a bound (``SIGKILL`` if need be), so nothing on the way out
-    waits on a child that cannot answer. A rank that fails leaves its error for its peers
+    collective (``train.collective_timeout``). However training ends, the DataLoader workers (and, when
+    ``owns_process``, any other child process started since) are ended within a bound (``SIGKILL`` if need
+    be), so nothing on the way out waits on a child that cannot answer. A rank that fails leaves its error for its peers
     (:mod:`tread_scale.parallel.peers`); a rank whose collective fails names the peer that went first.
 
     Args:
@@ -155,8 +155,9 @@ def train(cfg: RunConfig, *, owns_process: bool = False) -> TrainResult:
             watchdog.exit_within(cfg.train.preemption_grace, EXIT_STOPPED,
                                  f"the checkpoint at batch {batches} was saved and uploaded")
     finally:
-        end_new_children(before, timeout=5.0, why="children of the training run still alive at its end")
-        if not owns_process:
+        if owns_process:  # a library caller's other children (a server a test started meanwhile) are its own
+            end_new_children(before, timeout=5.0, why="children of the training run still alive at its end")
+        else:
             watchdog.stop()
     return TrainResult(cfg.run_dir, cfg.checkpoint_folder(), batches, callbacks.export.last_export,
                        callbacks.grid.last_grid, _in_batches(cfg.train.max_duration), stopped_by)
