@@ -167,7 +167,8 @@ def export_sd3_diffusers(weights: str | Path, out_dir: str | Path) -> Path:
     kwargs = {"input_size": cfg.input_size, "patch_size": patch, "in_channels": cfg.in_channels,
               "hidden_size": size.hidden_size, "depth": size.depth, "num_heads": size.num_heads,
               "mlp_ratio": size.mlp_ratio, "text_dim": cfg.text_dim, "pooled_dim": cfg.pooled_dim,
-              "pos_embed": cfg.pos_embed, "pos_embed_max_size": cfg.pos_embed_max_size, "qk_norm": cfg.qk_norm,
+              "pos_embed": cfg.pos_embed or "rope", "pos_embed_max_size": cfg.pos_embed_max_size,
+              "qk_norm": cfg.qk_norm,
               "timestep_scale": cfg.timestep_scale}
     config = diffusers_config(kwargs)
     if cfg.text_mask:

@@ -150,7 +150,7 @@ def test_export_refuses_an_mmdit_before_writing_anything(tmp_path):
     meta = {"model": to_dict(cfg), "routing": {"routes": []}, "objective": {"kind": "rf"},
             "data": {"latent_shape": [4, 8, 8], "num_classes": 1, "vae": "none"}}
     path = save_weights(tmp_path / "mmdit.safetensors", net.state_dict(), meta)
-    with pytest.raises(CheckpointError, match=r"mmdit.safetensors holds a text-to-image MMDiT; export writes "
-                                              r"diffusers' class-conditional DiT layout"):
+    with pytest.raises(CheckpointError, match=r"mmdit.safetensors holds a text-to-image MMDiT, which "
+                                              r"DiTTransformer2DModel cannot hold; it exports as an SD3"):
         export_diffusers(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
