@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -105,15 +107,34 @@ def _cleanup(*procs: subprocess.Popen, tree=()) -> None:
             p.wait(30)
 
 
-def test_frozen_worker_fails_the_rank_within_the_bound(latent_dataset, tmp_path):
-    shm_before = _shm()
+@dataclass
+class _Run:
+    logs: Path
+    run: Path
+    trainer: subprocess.Popen
+    worker: psutil.Process
+    tree: list[psutil.Process]
+
+
+@contextmanager
+def _one_rank_training(tmp_path: Path, data: str, batches: int):
+    """One trainer (``launch.py``) with a DataLoader worker, after ``batches`` batches; ended on the way out."""
     logs, run = tmp_path / "logs", tmp_path / "runs" / "t"
-    trainer = _launch(_config(tmp_path, latent_dataset), logs, "rank0")
-    tree = []
+    trainer = _launch(_config(tmp_path, data), logs, "rank0")
+    tree: list[psutil.Process] = []
     try:
-        _wait_for(lambda: _metric_lines(run) >= 2, "two batches", [trainer])
+        _wait_for(lambda: _metric_lines(run) >= batches, f"{batches} batches", [trainer])
         worker = _worker(trainer)
         tree = _tree(trainer)
+        yield _Run(logs, run, trainer, worker, tree)
+    finally:
+        _cleanup(trainer, tree=tree)
+
+
+def test_frozen_worker_fails_the_rank_within_the_bound(latent_dataset, tmp_path):
+    shm_before = _shm()
+    with _one_rank_training(tmp_path, latent_dataset, 2) as r:
+        logs, trainer, worker, tree = r.logs, r.trainer, r.worker, r.tree
         worker.send_signal(signal.SIGSTOP)
         frozen = time.monotonic()
         trainer.wait(BOUND + MARGIN + 60)
@@ -130,8 +151,6 @@ def test_frozen_worker_fails_the_rank_within_the_bound(latent_dataset, tmp_path)
         assert "most recent call first" in out  # the trainer's threads were dumped into the log
         _assert_all_gone(tree)
         assert not {n for n in _shm() - shm_before if "tread" in n or n.startswith(("00", "0"))}, _shm() - shm_before
-    finally:
-        _cleanup(trainer, tree=tree)
 
 
 def test_frozen_worker_on_one_of_two_ranks_ends_both(latent_dataset, tmp_path):
@@ -174,13 +193,8 @@ def test_sigterm_checkpoints_then_exits_past_a_frozen_worker(latent_dataset, tmp
     """SIGTERM, then the worker freezes while the checkpoint is written: the run checkpoints, says it stopped
     early, exits 75 within the grace and leaves nothing behind (it used to wait on the worker for ever, deaf to
     a second SIGTERM)."""
-    logs, run = tmp_path / "logs", tmp_path / "runs" / "t"
-    trainer = _launch(_config(tmp_path, latent_dataset), logs, "rank0")
-    tree = []
-    try:
-        _wait_for(lambda: _metric_lines(run) >= 3, "three batches", [trainer])
-        worker = _worker(trainer)
-        tree = _tree(trainer)
+    with _one_rank_training(tmp_path, latent_dataset, 3) as r:
+        logs, run, trainer, worker, tree = r.logs, r.run, r.trainer, r.worker, r.tree
         trainer.send_signal(signal.SIGTERM)
         _wait_for(lambda: "preemption requested: checkpointing at batch" in _log(logs, "rank0"), "the checkpoint",
                   [trainer], timeout=60)
@@ -205,5 +219,3 @@ def test_sigterm_checkpoints_then_exits_past_a_frozen_worker(latent_dataset, tmp
         assert "finished" not in out.split("preemption requested")[1]
         assert list((run / "checkpoints").glob(f"ep*-ba{step}-rank0.pt"))
         _assert_all_gone(tree)
-    finally:
-        _cleanup(trainer, tree=tree)

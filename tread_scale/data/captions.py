@@ -107,7 +107,9 @@ _ENCODERS: dict[tuple, Any] = {}
 
 def encoder_folders(source) -> dict[str, str | None]:
     """A caption source's encoder folders by kind (``t5``, ``clip``, ``clip_l``, ``clip_g``; unset ones None)."""
-    return {k: getattr(source, k, None) for k in ("t5", "clip", "clip_l", "clip_g")}
+    from tread_scale.data.text_encoder import KINDS
+
+    return {k: getattr(source, k, None) for k in KINDS}
 
 
 def cached_text_encoder(folders: dict[str, str | None], max_length: int, device: str, dtype: str):

@@ -26,7 +26,7 @@ from tread_scale.compat.streaming import PatchedStreamingDataset
 from tread_scale.data.metadata import parse_ndarray_encoding
 from tread_scale.data.captions import decode_captions
 from tread_scale.data.records import TEXT_COLUMNS, finite_rows, shard_layout, shard_records
-from tread_scale.data.worker_watch import WorkerWatch, batch_wait_bound, describe_ids, note
+from tread_scale.data.worker_watch import WorkerWatch, batch_wait_bound, describe_ids, note, watched
 from tread_scale.errors import DatasetError, DatasetMismatchError, ObjectStoreError
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,8 @@ class LatentStreamingDataset(PatchedStreamingDataset):
         """
         ids = np.asarray(sample_ids, dtype=np.int64)
         shards = self.shard_of(ids)
+        if not watched():  # the main process, or an unwatched loader: no note to describe the batch for
+            return self._read_batch(ids, shards)
         what = describe_ids(ids, [self.shards[i].raw_data.basename for i in np.unique(shards).tolist()])
         note(f"reading {what}")
         batch = self._read_batch(ids, shards)

@@ -58,6 +58,11 @@ def batch_wait_bound(stall_timeout: float) -> float:
     return float(stall_timeout) + max(15.0, 0.2 * float(stall_timeout))
 
 
+def watched() -> bool:
+    """Whether this process is a watched DataLoader worker (whose :func:`note` records anything)."""
+    return _current is not None
+
+
 def note(text: str) -> None:
     """Record what this DataLoader worker is doing now (nothing outside a watched worker)."""
     if _current is not None:
@@ -226,4 +231,4 @@ class WorkerWatch:
             os._exit(1)
 
 
-__all__ = ["STACK_SIGNAL", "WorkerWatch", "batch_wait_bound", "describe_ids", "note"]
+__all__ = ["STACK_SIGNAL", "WorkerWatch", "batch_wait_bound", "describe_ids", "note", "watched"]

@@ -59,7 +59,7 @@ def load_initial_weights(net: nn.Module, path: str | os.PathLike, setting: str =
         CheckpointError: If the file is missing, unsafe, or its tensors do not fit ``net``.
     """
     weights, meta = load_weights(path)
-    recorded = float(dict(meta.get("model") or {}).get("timestep_scale") or 1.0) if "model" in meta else None
+    recorded = float((meta.get("model") or {}).get("timestep_scale") or 1.0) if "model" in meta else None
     scale = getattr(getattr(net, "t_embedder", None), "scale", None)
     if recorded is not None and scale is not None and recorded != scale:
         raise CheckpointError(f"{setting}={path}: the weights were trained with model.timestep_scale={recorded:g} "

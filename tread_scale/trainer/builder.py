@@ -197,5 +197,9 @@ def _is_collective_failure(error: BaseException) -> bool:
 
 
 def _in_batches(duration: str) -> int | None:
-    text = str(duration).strip()
-    return int(text[:-2]) if text.endswith("ba") and text[:-2].isdigit() else None
+    """``train.max_duration`` in batches (``None`` in other units), parsed as Composer parses it. (Not the
+    trainer state's ``max_duration``: Composer's ``stop_training`` sets that to the batch it stopped at.)"""
+    from composer.core import Time, TimeUnit
+
+    parsed = Time.from_timestring(str(duration))
+    return int(parsed.value) if parsed.unit == TimeUnit.BATCH else None
