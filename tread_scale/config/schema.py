@@ -14,6 +14,7 @@ from typing import Literal
 from tread_scale.errors import ConfigError
 from tread_scale.models.registry import DiTSize, model_spec
 from tread_scale.routing.routes import Route
+from tread_scale.routing.schedule import RouteSchedule
 
 
 @dataclass
@@ -107,10 +108,16 @@ class RoutingConfig:
     Each entry of ``routes`` is a :class:`~tread_scale.routing.routes.Route` ``{rate, start, end}``: a
     fraction ``rate`` of tokens skips blocks ``start..end`` (inclusive; negative = from the end). ``seed`` is
     the base of the routing stream (each rank mixes in its rank); null derives it from the run seed.
+
+    ``schedule`` (a :class:`~tread_scale.routing.schedule.RouteSchedule`, in batches) scales every route's
+    rate over the run: ``dense_until`` dense batches first, then a ``ramp_batches`` rise from 0 to the full
+    rates in ``ramp_levels`` steps, and a final dense phase from batch ``dense_from``. The default is the
+    full rates throughout. Resume is exact in every stage (the factor is a function of the batch index).
     """
 
     routes: list[Route] = field(default_factory=list)
     seed: int | None = None
+    schedule: RouteSchedule = field(default_factory=RouteSchedule)
 
 
 @dataclass
@@ -266,7 +273,8 @@ class TrainConfig:
     ``stop`` with a clear error (the last checkpoint stays the last good one) or ``skip`` the batch's update
     (up to ``max_skipped_batches`` in a row; not with DeepSpeed). ``compile``: ``torch.compile`` each DiT
     block (with ``compile_backend``); routing gives a block at most two sequence lengths, so it compiles
-    at most two graphs, and the gather/scatter between blocks stays eager.
+    at most two graphs (a ``routing.schedule`` ramp adds one per step, ``ramp_levels``), and the
+    gather/scatter between blocks stays eager.
     """
 
     max_duration: str = "400000ba"

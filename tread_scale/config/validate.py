@@ -38,6 +38,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"model.{key} must be >= 1, got {getattr(cfg.model, key)}")
     validate_family(cfg.model, size, cfg.text, cfg.sampling.prompts)
     resolve_routes(cfg.routes, size.depth)
+    validate_route_schedule(cfg)
     validate_time_conventions(cfg)
     if not cfg.data.remote:
         raise ConfigError("data.remote must be set (s3://bucket/prefix or a local folder of MDS shards)")
@@ -158,6 +159,15 @@ def _resolve_sections(p: ParallelismConfig) -> None:
         p.fsdp = FSDPConfig()
     elif p.backend == "deepspeed" and p.deepspeed is None:
         p.deepspeed = DeepSpeedConfig()
+
+
+def validate_route_schedule(cfg: RunConfig) -> None:
+    """``routing.schedule``: well-formed, and only with routes to schedule."""
+    schedule = cfg.routing.schedule
+    schedule.check()
+    if not schedule.is_constant and not cfg.routes:
+        raise ConfigError("routing.schedule is set but routing.routes is empty: there is no rate to schedule "
+                          "(add routes, or remove routing.schedule for a dense run)")
 
 
 def validate_parallelism(p: ParallelismConfig, world_size: int | None = None) -> None:

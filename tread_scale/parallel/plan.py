@@ -184,6 +184,7 @@ def dry_run(cfg: RunConfig, world_size: int, gpu_memory: str | None = None, proj
         f"FLOPs/image   forward {flops.dense / 1e9:.2f} GFLOP dense, {flops.routed / 1e9:.2f} GFLOP routed "
         f"(x{flops.routed / flops.dense:.3f}; blocks alone x{flops.blocks_routed / flops.blocks_dense:.3f}); "
         f"training (3x forward) {flops.train_dense / 1e9:.2f} / {flops.train_routed / 1e9:.2f} GFLOP",
+        *schedule_lines(cfg, net, flops),
         f"plan          {cfg.parallelism.backend} over {world_size} rank(s): global batch {gbs}, {per_rank} per rank, "
         f"micro-batch {microbatch}" + (", activation checkpointing" if cfg.parallelism.activation_checkpointing else ""),
         "memory/rank   " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in mem.terms.items()) + " GiB",
@@ -198,8 +199,40 @@ def dry_run(cfg: RunConfig, world_size: int, gpu_memory: str | None = None, proj
     if projection is not None:
         from tread_scale.parallel.scaling import projection_report
 
-        lines += projection_report(cfg, net, flops.train_routed, per_rank, projection, max_nodes)
+        lines += projection_report(cfg, net, run_train_flops(cfg, net, flops), per_rank, projection, max_nodes)
     return "\n".join(lines)
 
 
-__all__ = ["dry_run", "estimate_memory", "model_flops", "activation_bytes", "Memory", "Flops"]
+def _duration_batches(cfg: RunConfig) -> int | None:
+    text = str(cfg.train.max_duration).strip()
+    return int(text[:-2]) if text.endswith("ba") and text[:-2].isdigit() else None
+
+
+def run_train_flops(cfg: RunConfig, net: DiT | MMDiT, flops: Flops) -> float:
+    """Training FLOPs per image averaged over the run: the routed figure, or under a routing schedule the mean
+    over ``train.max_duration``'s batches of each stage's figure (the routed figure when not in batches)."""
+    schedule, total = cfg.routing.schedule, _duration_batches(cfg)
+    if schedule.is_constant or total is None:
+        return flops.train_routed
+    return schedule.mean_of(total, lambda f: model_flops(net, [_scaled(r, f) for r in cfg.routes]).train_routed)
+
+
+def _scaled(route, factor: float):
+    return type(route)(route.rate * factor, route.start, route.end)
+
+
+def schedule_lines(cfg: RunConfig, net: DiT | MMDiT, flops: Flops) -> list[str]:
+    """The dry-run lines of a routing schedule: its stages and the run's mean training FLOPs."""
+    schedule = cfg.routing.schedule
+    if schedule.is_constant:
+        return []
+    total = _duration_batches(cfg)
+    line = f"schedule      {schedule.describe(total)}"
+    if total is None:
+        return [line + f" (train.max_duration={cfg.train.max_duration} is not in batches: no run average)"]
+    mean = run_train_flops(cfg, net, flops)
+    return [line, f"              training FLOPs/image over the run's {total} batches: mean {mean / 1e9:.2f} GFLOP "
+                  f"(x{mean / flops.train_dense:.3f} of dense; full rates alone x{flops.train_routed / flops.train_dense:.3f})"]
+
+
+__all__ = ["dry_run", "estimate_memory", "model_flops", "activation_bytes", "Memory", "Flops", "run_train_flops"]

@@ -19,7 +19,8 @@ class TokenRouter(nn.Module):
     Randomness is counter-based: the subsets of call ``i`` come from a ``torch.Generator`` seeded with
     ``mix(seed, rank, i, route)``, created on the tokens' device. The router's whole random state is
     therefore ``(seed, calls)``: it can be saved, restored on another device or world size, and gives
-    every data-parallel rank its own stream.
+    every data-parallel rank its own stream. ``rate_factor`` scales every route's rate (a routing schedule
+    sets it before each batch; 1 by default).
 
     Args:
         routes: Routes to apply, validated against the depth when attached to a model.
@@ -33,6 +34,13 @@ class TokenRouter(nn.Module):
         self.resolved: list[ResolvedRoute] = []
         self.stream = SeedStream(seed, rank)
         self.enabled = True
+        self.rate_factor = 1.0
+
+    def active_routes(self) -> list[Route]:
+        """The routes with the rates in use now (``rate × rate_factor``; see :mod:`tread_scale.routing.schedule`)."""
+        if self.rate_factor == 1.0:
+            return list(self.routes)
+        return [Route(r.rate * self.rate_factor, r.start, r.end) for r in self.routes]
 
     @property
     def rank(self) -> int:
@@ -79,7 +87,7 @@ class TokenRouter(nn.Module):
             device: Device of the tokens.
             training: Whether the model is in training mode.
             force: Route even outside training.
-            rate_override: Use this rate for every route.
+            rate_override: Use this rate for every route (else each route's rate × ``rate_factor``).
             seed: Draw from this seed without advancing the router's own stream; a sequence of ``batch``
                 seeds draws each sample's subsets from its own seed (batching-independent sampling).
 
@@ -96,7 +104,7 @@ class TokenRouter(nn.Module):
         call_seed = self.stream.next_seed() if seed is None else (0 if per_sample else mix_seed(seed))
         plan: dict[int, tuple[int, torch.Tensor]] = {}
         for k, route in enumerate(self.resolved):
-            rate = route.rate if rate_override is None else rate_override
+            rate = route.rate * self.rate_factor if rate_override is None else rate_override
             keep = num_kept(num_tokens, rate)
             if keep == num_tokens:
                 continue  # rate 0 (or N·rate < 1): the route is the identity; no permutation is applied

@@ -59,12 +59,13 @@ class DiffusionModel(ComposerModel):
                                             sample_seeds=seeds)
 
     def train_flops_per_sample(self) -> float:
-        """Model FLOPs of one training sample (forward + backward = 3× forward), with the routes in use.
+        """Model FLOPs of one training sample (forward + backward = 3× forward), with the routes in use now
+        (their rates scaled by the routing schedule's current factor).
 
         Activation-checkpointing recomputation is not counted (the usual MFU convention).
         """
         router = self.net.router
-        routes = router.routes if router is not None and router.enabled else []
+        routes = router.active_routes() if router is not None and router.enabled else []
         return model_flops(self.net, routes).train_routed
 
     def flops_per_batch(self, batch: dict[str, Any]) -> float:

@@ -23,7 +23,9 @@ class MetricsLog(Callback):
 
     ``tflops_per_device`` counts model FLOPs (routing-aware: tokens that skip blocks are not counted;
     recomputation is not counted) per second per rank; ``mfu`` divides it by the device's peak, given as
-    ``peak_flops`` or looked up in Composer's table of GPUs for the run's precision (absent on CPU).
+    ``peak_flops`` or looked up in Composer's table of GPUs for the run's precision (absent on CPU). The
+    FLOPs are summed batch by batch with the routes in use at each batch, so under a routing schedule they
+    follow its stages; ``rate_factor`` (routed runs) is the schedule's factor at the record's batch.
 
     Args:
         path: ``metrics.jsonl`` path (written by rank 0; appended to on resume).
@@ -35,23 +37,29 @@ class MetricsLog(Callback):
         self.path = Path(path)
         self.interval = max(1, int(interval))
         self.peak_flops = peak_flops
-        self._flops_per_sample: float | None = None
+        self._model = None
+        self._flops = 0.0  # global training FLOPs since the last record
+        self._samples = 0
         self._t0 = time.time()
         self._last: tuple[float, int] | None = None
 
     def fit_start(self, state: State, logger: Logger) -> None:
         model = state.model.module if hasattr(state.model, "module") else state.model
-        if hasattr(model, "train_flops_per_sample"):
-            self._flops_per_sample = float(model.train_flops_per_sample())
+        self._model = model if hasattr(model, "train_flops_per_sample") else None
         if self.peak_flops is None and state.device.name == "gpu":
             from composer.callbacks.speed_monitor import get_gpu_flops_available
 
             self.peak_flops = float(get_gpu_flops_available(state)) or None
         self._t0 = time.time()
         self._last = (self._t0, int(state.timestamp.sample))
+        self._samples, self._flops = int(state.timestamp.sample), 0.0
 
     def batch_end(self, state: State, logger: Logger) -> None:
         step = int(state.timestamp.batch)
+        samples = int(state.timestamp.sample)
+        if self._model is not None:  # the routes in use for this batch (a schedule changes them)
+            self._flops += (samples - self._samples) * float(self._model.train_flops_per_sample())
+        self._samples = samples
         if step % self.interval:
             return
         if dist.get_global_rank() != 0:
@@ -66,8 +74,12 @@ class MetricsLog(Callback):
         record = {"step": step, "loss": float(value), "samples": samples, "wall_s": round(now - self._t0, 3),
                   "samples_per_s": round(rate, 2)}
         metrics = {"train/global_loss": record["loss"], "throughput/samples_per_s": rate}
-        if self._flops_per_sample:
-            per_device = rate * self._flops_per_sample / dist.get_world_size()
+        router = getattr(getattr(self._model, "net", None), "router", None)
+        if router is not None:
+            record["rate_factor"] = router.rate_factor
+        flops, self._flops = self._flops, 0.0
+        if flops:
+            per_device = flops / max(now - last_t, 1e-9) / dist.get_world_size()
             record["tflops_per_device"] = float(f"{per_device / 1e12:.6g}")
             metrics["throughput/device/flops_per_sec"] = per_device
             if self.peak_flops:
