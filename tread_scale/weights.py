@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -224,6 +225,115 @@ def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
     save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(raw, sort_keys=True)})
     tmp.replace(path)
     return path
+
+
+#: safetensors' dtype codes (its header's ``dtype`` field).
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+TensorSpecs = Mapping[str, tuple[torch.dtype, tuple[int, ...]]]
+
+
+def safetensors_order(specs: TensorSpecs) -> list[str]:
+    """The order in which safetensors' own writer lays out tensors of these names and dtypes.
+
+    It sorts by dtype and then by name; rather than restate its dtype ranking, the order is read back from
+    the header it writes for one-element tensors of the same names and dtypes.
+    """
+    from safetensors.torch import save
+
+    blob = save({n: torch.zeros(1, dtype=dtype) for n, (dtype, _) in specs.items()})
+    size = int.from_bytes(blob[:8], "little")
+    return [k for k in json.loads(blob[8: 8 + size]) if k != "__metadata__"]
+
+
+class SafetensorsWriter:
+    """Write a safetensors file tensor by tensor, byte-identical to ``safetensors.torch.save_file``.
+
+    The header (names, dtypes, shapes, offsets, metadata) is known from ``specs`` before any data, so each
+    tensor goes to the file as it arrives and the writer never holds more than the one being written. It
+    writes ``<path>.tmp`` and renames it to ``path`` on :meth:`close` (removed if the ``with`` block fails).
+
+    Args:
+        path: The ``.safetensors`` file.
+        specs: Name → (dtype, shape) of every tensor the file will hold.
+        metadata: The header's string metadata (``__metadata__``), if any.
+
+    Attributes:
+        order: The names in the order :meth:`write` expects them (safetensors' own layout).
+    """
+
+    def __init__(self, path: str | os.PathLike, specs: TensorSpecs, metadata: Mapping[str, str] | None = None) -> None:
+        self.path = Path(path)
+        self.specs = {n: (dtype, tuple(int(d) for d in shape)) for n, (dtype, shape) in specs.items()}
+        unknown = sorted({str(dtype) for dtype, _ in self.specs.values() if dtype not in _SAFETENSORS_DTYPES})
+        if unknown:
+            raise CheckpointError(f"{self.path}: cannot stream tensors of dtype {', '.join(unknown)}")
+        self.order = safetensors_order(self.specs)
+        header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+        offset = 0
+        for name in self.order:
+            dtype, shape = self.specs[name]
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        # safetensors writes compact JSON, UTF-8 unescaped, padded with spaces to a multiple of 8 bytes
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-len(text) % 8)
+        self._next = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._file = open(self._tmp, "wb")
+        self._file.write(len(text).to_bytes(8, "little") + text)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append ``tensor``, which must be the next name of :attr:`order`, with the dtype and shape given."""
+        if self._next >= len(self.order) or self.order[self._next] != name:
+            expected = self.order[self._next] if self._next < len(self.order) else "nothing more"
+            raise CheckpointError(f"{self.path}: got tensor {name!r}, expected {expected!r}")
+        dtype, shape = self.specs[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
+                                  f"the header says {dtype} {shape}")
+        if tensor.numel():
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            self._file.write(memoryview(data.numpy()))
+        self._next += 1
+
+    def close(self) -> Path:
+        """Finish the file (all tensors must have been written) and move it into place."""
+        self._file.close()
+        if self._next != len(self.order):
+            self._tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"{self.path}: {len(self.order) - self._next} tensors were never written "
+                                  f"(first: {self.order[self._next]!r})")
+        self._tmp.replace(self.path)
+        return self.path
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self._file.close()
+            self._tmp.unlink(missing_ok=True)
+
+
+def save_weights_streaming(path: str | os.PathLike, specs: TensorSpecs,
+                           tensors: Iterable[tuple[str, torch.Tensor]], meta: WeightsMeta | Mapping[str, Any]) -> Path:
+    """:func:`save_weights` for tensors that arrive one at a time, in :func:`safetensors_order` of ``specs``.
+
+    The file is byte-identical to what :func:`save_weights` writes for the same tensors and ``meta``.
+    """
+    raw = meta.to_dict() if isinstance(meta, WeightsMeta) else dict(meta)
+    with SafetensorsWriter(path, specs, {META_KEY: json.dumps(raw, sort_keys=True)}) as writer:
+        for name, tensor in tensors:
+            writer.write(name, tensor)
+    return writer.path
 
 
 def _checked_path(path: str | os.PathLike) -> Path:

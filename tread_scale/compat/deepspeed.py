@@ -90,6 +90,51 @@ class DeepSpeedMaster:
             dist.all_reduce(full)
         return full.view(param.shape).to("cpu", copy=True)
 
+    def gather_to(self, name: str, piece: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+        """Like :meth:`gather`, but only rank ``dst`` receives the full tensor (``None`` elsewhere; collective).
+
+        ZeRO-3 pieces have one size on every rank (``gather``); ZeRO-1/2 fragments differ in size and place,
+        so each rank puts its fragment into a zero buffer of the parameter's size for one ``reduce`` to
+        ``dst`` (exact: the fragments are disjoint), freed at once on the other ranks.
+        """
+        param = self.params[name]
+        dev = _comm_device()
+        if self.world == 1:
+            return self.gather(name, piece)
+        if self.stage3:
+            mine = piece.detach().to(dev, torch.float32).contiguous()
+            parts = [torch.empty_like(mine) for _ in range(self.world)] if self.rank == dst else None
+            dist.gather(mine, parts, dst=dst)
+            if parts is None:
+                return None
+            return torch.cat(parts)[: param.ds_numel].view(param.ds_shape).to("cpu", copy=True)
+        full = torch.zeros(param.numel(), dtype=torch.float32, device=dev)
+        start, stop = self.span(name)
+        full[start:stop] = piece.detach()[: stop - start].to(dev, torch.float32)
+        dist.reduce(full, dst=dst)
+        return full.view(param.shape).to("cpu", copy=True) if self.rank == dst else None
+
+    def full_shape(self, name: str) -> tuple[int, ...]:
+        """The parameter's full shape (under ZeRO-3 the module holds an empty placeholder)."""
+        param = self.params[name]
+        return tuple(param.ds_shape) if self.stage3 else tuple(param.shape)
+
+    def span(self, name: str) -> tuple[int, int]:
+        """``(start, stop)``: the elements of the flattened parameter this rank's piece holds (its first
+        ``stop - start`` values; a ZeRO-3 piece of the last ranks may continue with padding past the end).
+        ``start == stop`` when the rank holds none of it.
+        """
+        param = self.params[name]
+        if self.stage3:
+            n = self._piece(param).numel()
+            start = min(self.rank * n, param.ds_numel)
+            return start, min(start + n, param.ds_numel)
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is None:
+            return 0, 0
+        address = mapping.lp_fragment_address
+        return address.start, address.start + address.numel
+
     def piece_of(self, name: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's piece (laid out like :meth:`local`, fp32, a new tensor) of a full parameter-shaped tensor."""
         param = self.params[name]

@@ -219,7 +219,10 @@ class DeepSpeedConfig:
 
     ``offload_optimizer`` keeps optimizer state (and its step) on the CPU; ``offload_params`` (stage 3 only)
     keeps parameters there too. Bucket sizes are in elements. Gradient clipping comes from
-    ``optimizer.grad_clip_norm``; bf16 from ``train.precision``.
+    ``optimizer.grad_clip_norm``; bf16 from ``train.precision``. Stage 3 keeps gathered parameters alive
+    up to ``stage3_max_live_parameters`` elements (and drops one sooner only when its next use is further
+    than ``stage3_max_reuse_distance`` elements away); both are DeepSpeed's defaults, written explicitly into
+    the engine config, and ``dry-run`` counts them.
     """
 
     zero_stage: int = 2
@@ -231,6 +234,8 @@ class DeepSpeedConfig:
     contiguous_gradients: bool = True
     stage3_prefetch_bucket_size: int = 50_000_000
     stage3_param_persistence_threshold: int = 100_000
+    stage3_max_live_parameters: int = 1_000_000_000
+    stage3_max_reuse_distance: int = 1_000_000_000
 
 
 @dataclass

@@ -195,7 +195,8 @@ def validate_parallelism(p: ParallelismConfig, world_size: int | None = None) ->
         if ds.offload_params and ds.zero_stage != 3:
             raise ConfigError(f"parallelism.deepspeed.offload_params needs zero_stage 3 (got {ds.zero_stage}): "
                               "only ZeRO-3 partitions parameters")
-        for key in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size"):
+        for key in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+                    "stage3_max_live_parameters", "stage3_max_reuse_distance"):
             if getattr(ds, key) < 1:
                 raise ConfigError(f"parallelism.deepspeed.{key} must be >= 1, got {getattr(ds, key)}")
     if p.backend == "fsdp":

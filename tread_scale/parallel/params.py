@@ -41,6 +41,30 @@ def gather_full(param: torch.Tensor, piece: torch.Tensor) -> torch.Tensor:
     return piece.detach().to("cpu", copy=True)
 
 
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The full shape of ``param`` (a ZeRO-3 parameter is an empty placeholder; a DTensor's is its global one)."""
+    return tuple(param.ds_shape) if is_zero3(param) else tuple(param.shape)
+
+
+def gather_full_to(param: torch.Tensor, piece: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+    """Like :func:`gather_full`, but only global rank ``dst`` keeps the full copy (``None`` elsewhere; collective
+    under FSDP2 and ZeRO-3, where the other ranks hold one transient tensor at most)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if is_zero3(param) and dist.get_world_size() > 1:
+        mine = piece.contiguous()
+        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())] if rank == dst else None
+        dist.gather(mine, parts, dst=dst)
+        if parts is None:
+            return None
+        return torch.cat(parts)[: param.ds_numel].view(param.ds_shape).to("cpu", copy=True)
+    if hasattr(piece, "full_tensor"):
+        full = piece.full_tensor()  # an all-gather: one transient full tensor on every rank
+        return full.detach().to("cpu", copy=True) if rank == dst else None
+    return piece.detach().to("cpu", copy=True) if rank == dst else None
+
+
 def piece_of_full(param: torch.Tensor, piece: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """This rank's piece of a full (CPU) parameter-shaped tensor, laid out like ``piece``."""
     if hasattr(piece, "device_mesh"):

@@ -15,7 +15,9 @@ cadence and autoresume all stay in charge:
 * Model and optimizer state leave Composer's checkpoint; :class:`DeepSpeedCheckpoint` saves
   ``engine.save_checkpoint`` at the same cadence, *before* Composer's checkpoint (so a Composer checkpoint
   never points at a missing engine checkpoint), uploads it when checkpoints go to ``s3://``, and loads
-  it right after Composer restores its own state.
+  it right after Composer restores its own state. The EMA is saved there too, sharded: each rank writes
+  its fragments to ``ba<N>/ema/`` (:mod:`~tread_scale.trainer.backends.ema_shards`), so no rank gathers the
+  full EMA to checkpoint; Composer's checkpoint keeps only a marker for it.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def deepspeed_config(ds: DeepSpeedConfig, microbatch: int, world_size: int, prec
     if ds.zero_stage == 3:
         zero["stage3_prefetch_bucket_size"] = ds.stage3_prefetch_bucket_size
         zero["stage3_param_persistence_threshold"] = ds.stage3_param_persistence_threshold
+        zero["stage3_max_live_parameters"] = ds.stage3_max_live_parameters
+        zero["stage3_max_reuse_distance"] = ds.stage3_max_reuse_distance
     pin = device == "gpu"
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
@@ -173,7 +177,7 @@ class DeepSpeedCheckpoint(Callback):
     """Saves and restores the engine's model and optimizer state beside Composer's checkpoints.
 
     Engine checkpoints are ``<folder>/ba<N>/`` (DeepSpeed's own layout, one file per rank for ZeRO
-    partitions). With an ``s3://`` checkpoint folder they are staged under ``<run_dir>/deepspeed`` and
+    partitions), with the EMA's fragments, one file per rank, in ``<folder>/ba<N>/ema/``. With an ``s3://`` checkpoint folder they are staged under ``<run_dir>/deepspeed`` and
     uploaded to ``<save_folder>/deepspeed/ba<N>/``.
 
     Args:
@@ -198,6 +202,12 @@ class DeepSpeedCheckpoint(Callback):
             raise RuntimeError("DeepSpeedCheckpoint needs the DeepSpeedTrainer")
         return state.model
 
+    @staticmethod
+    def _emas(state: State) -> list:
+        from tread_scale.trainer.callbacks.ema import EMA
+
+        return [cb for cb in state.callbacks if isinstance(cb, EMA)]
+
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
         if event in (Event.BATCH_CHECKPOINT, Event.EPOCH_CHECKPOINT) and self._due(state, event):
             self.save(state)
@@ -210,6 +220,8 @@ class DeepSpeedCheckpoint(Callback):
         tag = f"ba{int(state.timestamp.batch)}"
         self.local.mkdir(parents=True, exist_ok=True)
         self._engine(state).save_checkpoint(str(self.local), tag=tag)
+        for ema in self._emas(state):
+            ema.save_shards(self.local / tag / "ema", tag)
         dist.barrier()
         if self.remote and dist.get_local_rank() == 0:
             s3.upload_tree(self.local, self.remote, sorted(p for p in (self.local / tag).rglob("*") if p.is_file()))
@@ -242,11 +254,32 @@ class DeepSpeedCheckpoint(Callback):
         if not where.is_dir():
             raise CheckpointError(f"the Composer checkpoint at batch {batch} has no DeepSpeed engine checkpoint "
                                   f"{s3.join_uri(self.remote or str(self.local), tag)}")
+        self._check_world_size(where)
         path, _ = self._engine(state).load_checkpoint(str(self.local), tag=tag, load_optimizer_states=True,
                                                       load_lr_scheduler_states=False, load_module_strict=True)
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load its checkpoint {where}")
+        for ema in self._emas(state):
+            ema.load_shards(where / "ema", tag)
         log.info("restored the DeepSpeed engine state from %s", where)
+
+    @staticmethod
+    def _check_world_size(where: Path) -> None:
+        """Refuse, by name, to resume on another world size: ZeRO's optimizer partitions cannot be re-cut.
+
+        DeepSpeed's own check (``ZeRORuntimeException``) fires inside the engine load; the EMA shard files
+        record the world size that wrote them, so the mismatch is stated up front, with the folder. (The EMA
+        files themselves could be read on any world size: :class:`~.ema_shards.EMAShards`.)
+        """
+        from tread_scale.trainer.backends.ema_shards import SHARD_NAME
+
+        names = [m for p in (where / "ema").glob("rank*-of-*.safetensors") if (m := SHARD_NAME.fullmatch(p.name))]
+        written = {int(m.group(2)) for m in names}
+        world = dist.get_world_size()
+        if written and written != {world}:
+            raise CheckpointError(f"{where} was written by {', '.join(map(str, sorted(written)))} ranks and this run "
+                                  f"has {world}: DeepSpeed cannot re-partition a ZeRO checkpoint's optimizer state "
+                                  "onto another world size; resume with the same number of ranks")
 
 
 __all__ = ["DeepSpeedTrainer", "DeepSpeedCheckpoint", "EngineOptimizer", "deepspeed_config"]

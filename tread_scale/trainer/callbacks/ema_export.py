@@ -15,8 +15,8 @@ from composer.utils.misc import create_interval_scheduler
 
 from tread_scale.data import object_store as s3
 from tread_scale.trainer.callbacks.ema import EMA
-from tread_scale.trainer.callbacks.net_copy import weights_to_sample
-from tread_scale.weights import WeightsMeta, save_weights
+from tread_scale.trainer.callbacks.net_copy import save_weights_to_sample
+from tread_scale.weights import WeightsMeta
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,9 @@ class EMAExport(Callback):
     """Export ``ema/ba<N>.safetensors`` and ``ema/latest.safetensors`` at the checkpoint cadence.
 
     The files hold the EMA weights (raw weights if EMA is off) and, as metadata, everything needed to
-    rebuild and sample the network without the training code's pickles.
+    rebuild and sample the network without the training code's pickles. They are gathered one tensor at a
+    time onto rank 0, which writes each as it arrives (:func:`~.net_copy.save_weights_to_sample`): no rank
+    holds the full model for an export.
 
     Args:
         ema: The EMA callback, or ``None``.
@@ -55,13 +57,14 @@ class EMAExport(Callback):
         Returns:
             The written ``ba<N>.safetensors`` on rank 0, ``None`` elsewhere.
         """
-        weights = weights_to_sample(state, self.ema)
-        if dist.get_global_rank() != 0:
-            return None
         step = int(state.timestamp.batch)
+        rank0 = dist.get_global_rank() == 0
         meta = self.meta.at_step(step, ema=self.ema is not None,
                                  train_wall_s=round(state.timestamp.total_wct.total_seconds(), 3))
-        path = save_weights(self.out_dir / f"ba{step:08d}.safetensors", weights, meta)
+        path = save_weights_to_sample(state, self.ema, self.out_dir / f"ba{step:08d}.safetensors" if rank0 else None,
+                                      meta)
+        if not rank0:
+            return None
         latest = self.out_dir / "latest.safetensors"
         shutil.copyfile(path, latest.with_name("latest.safetensors.tmp"))
         latest.with_name("latest.safetensors.tmp").replace(latest)
