@@ -104,6 +104,7 @@ def test_dry_run_cli_and_its_errors(capsys):
                  "--gpu-memory", "80GB"]) == 0
     out = capsys.readouterr().out
     assert "fsdp over 16 rank(s): global batch 256, 16 per rank" in out and "memory/rank" in out
+    assert "save/host     checkpoint " in out and "EMA export" in out
     assert main(["dry-run", str(REPO / "yamls" / "tread_b2.yaml"), "--world-size", "3"]) == 2
     assert "global_batch_size=256 is not divisible by the world size 3" in capsys.readouterr().err
     assert main(["dry-run", str(REPO / "yamls" / "tread_b2.yaml"), "parallelism.backend=fsdp",
@@ -125,3 +126,30 @@ def test_mmdit_projection_reduces_gradients_in_grad_reduce_dtype():
     assert "reduce_scatter of gradients 16.10 GB" in report("parallelism.grad_reduce_dtype=bf16")
     fsdp = report("parallelism.backend=fsdp", "parallelism.deepspeed=null", "parallelism.grad_reduce_dtype=bf16")
     assert "reduce_scatter of gradients 16.10 GB" in fsdp and "+ 333 text tokens" in fsdp
+
+
+def test_dry_run_counts_host_memory_of_a_checkpoint_save():
+    """Saving under DeepSpeed writes each rank's EMA fragments (no rank gathers the EMA); DDP gathers it on
+    every rank; the EMA export is streamed through rank 0 (about one tensor) under every backend."""
+    from tread_scale.factory import build_dit
+    from tread_scale.parallel.plan import GiB, estimate_memory
+
+    base = REPO / "yamls" / "tread_xl2.yaml"
+
+    def save(*over):
+        cfg = load_config(base, list(over))
+        with torch.device("meta"):
+            net = build_dit(cfg.model)
+        mem = estimate_memory(cfg, net, 8, 32, gpu=True)
+        return mem.checkpoint_host, mem.export_host, sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+    ddp, export, p = save()
+    assert ddp["ema"] == 4 * p and export < 0.02 * 4 * p  # the full EMA on every rank; export about one tensor
+    zero3, export3, _ = save("parallelism.backend=deepspeed", "parallelism.deepspeed.zero_stage=3")
+    assert zero3["ema"] == export3 / 8 and zero3["engine"] == 4 * p / 8 and export3 == export
+    fsdp, _, _ = save("parallelism.backend=fsdp")
+    assert fsdp == {"ema": 4 * p / 8, "model_and_optimizer": 12 * p / 8}
+    report = dry_run(load_config(base, ["parallelism.backend=deepspeed", "parallelism.deepspeed.zero_stage=3"]), 8)
+    line = next(l for l in report.splitlines() if l.startswith("save/host"))
+    assert f"checkpoint {(zero3['ema'] + zero3['engine']) / GiB:.2f} GiB on the busiest rank" in line
+    assert "EMA export" in line and "on rank 0 (streamed)" in line

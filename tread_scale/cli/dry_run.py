@@ -17,6 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_overrides(p)
     p.add_argument("--world-size", type=int, required=True, help="total ranks (GPUs)")
     p.add_argument("--gpu-memory", help="memory per GPU to check against, e.g. 80GB")
+    p.add_argument("--choose", action="store_true",
+                   help="pick the micro-batch and activation checkpointing that are fastest within --gpu-memory "
+                        "(step time from the projection's assumptions below)")
     g = p.add_argument_group("projection", "step time and weak-scaling efficiency from 1 to N nodes")
     g.add_argument("--project", action="store_true", help="add the projection (per-GPU batch as planned here)")
     g.add_argument("--max-nodes", type=int, default=128)
@@ -35,16 +38,15 @@ def run(args: argparse.Namespace) -> int:
     from tread_scale.config import load_config
     from tread_scale.parallel.plan import dry_run
 
-    projection = None
-    if args.project:
-        from tread_scale.parallel.scaling import Assumptions
+    from tread_scale.parallel.scaling import Assumptions
 
-        projection = Assumptions(peak_tflops=args.peak_tflops, mfu=args.mfu, gpus_per_node=args.gpus_per_node,
-                                 nvlink_gbps=args.nvlink_gbps, network_gbps=args.network_gbps,
-                                 latency_us=args.latency_us, overlap=args.overlap)
+    assumptions = Assumptions(peak_tflops=args.peak_tflops, mfu=args.mfu, gpus_per_node=args.gpus_per_node,
+                              nvlink_gbps=args.nvlink_gbps, network_gbps=args.network_gbps,
+                              latency_us=args.latency_us, overlap=args.overlap)
     cfg = load_config(args.config, args.overrides)
     source = adopt_local_text_shape(cfg)
-    report = dry_run(cfg, args.world_size, args.gpu_memory, projection, args.max_nodes)
+    report = dry_run(cfg, args.world_size, args.gpu_memory, assumptions if args.project else None, args.max_nodes,
+                     choose=assumptions if args.choose else None)
     if source:
         report = f"text          {source}\n" + report
     sys.stdout.write(report + "\n")

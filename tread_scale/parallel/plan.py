@@ -15,7 +15,12 @@ rank) is deliberately explicit so that each term can be checked:
   ``tests/parallel/test_plan.py``; plus the pre-route sequence each route keeps alive; with activation
   checkpointing only block inputs plus one block's activations. An MMDiT's text tokens pass every block
   (never routed) and count like image tokens; QK-norm adds ``ACT_QK_NORM`` fp32 values per token (the last
-  block's key/value-only text stream is counted as a full one: high by under ``1/depth`` of the text part).
+  block's key/value-only text stream is counted as a full one: high by under ``1/depth`` of the text part);
+* backward transients above what the forward pass saved: ``ACT_GRAD`` fp32 values of width D per token of
+  the widest block (the residual stream's incoming and outgoing gradients and one gradient inside the
+  block, measured in ``tests/parallel/test_plan.py``), and under ZeRO-3 one block's full gradients before
+  they are reduce-scattered (DDP's and ZeRO-1/2's gradients are counted as gradients, FSDP's with the
+  gathered unit).
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ ACT_LOWP = 17
 #: With QK-norm (MMDiT): RMSNorm computes in fp32 and keeps each query's and key's fp32 input and normalised
 #: product for backward, 4 more fp32 values of width D per token (measured in ``tests/parallel/test_plan.py``).
 ACT_QK_NORM = 4
+#: fp32 values of width D per token alive in backward on top of the saved activations (measured 2.4-2.6 for the
+#: DiT without checkpointing; with checkpointing the recomputed block's activations come on top).
+ACT_GRAD = 3
 GiB = 1024**3
 
 
@@ -50,6 +58,10 @@ class Memory:
 
     terms: dict[str, float] = field(default_factory=dict)
     host: dict[str, float] = field(default_factory=dict)
+    #: Host bytes the busiest rank needs to save a checkpoint, by term (:func:`save_host_memory`).
+    checkpoint_host: dict[str, float] = field(default_factory=dict)
+    #: Host bytes rank 0 needs to export the EMA weights (streamed; the other ranks keep nothing).
+    export_host: float = 0.0
 
     @property
     def total(self) -> float:
@@ -81,6 +93,25 @@ def activation_bytes(net: DiT | MMDiT, routes, microbatch: int, compute_bytes: i
     total += 4 * 4 * n * d  # embedding output, final LayerNorm input and modulation
     total += text * getattr(net, "text_dim", 0) * compute_bytes  # text encoder tokens (the text projection's input)
     return microbatch * total
+
+
+def backward_transient_bytes(net: DiT | MMDiT, microbatch: int, checkpointing: bool = False,
+                             compute_bytes: int = 2) -> float:
+    """Bytes alive in backward besides the saved activations and the persistent gradients.
+
+    ``ACT_GRAD`` fp32 activation gradients per token and width at the widest block (routing does not narrow
+    the dense blocks), one parameter's fresh gradient before it is accumulated (the largest), and under
+    activation checkpointing one more block's activations: the recomputed block's intermediates and the
+    gradients flowing through them are alive together (measured in ``tests/parallel/test_choose.py``; the
+    recomputed block itself is counted with the activations).
+    """
+    tokens = net.num_tokens + getattr(net, "text_len", 0)
+    total = microbatch * ACT_GRAD * 4 * tokens * net.hidden_size
+    total += 4 * max(p.numel() for p in net.parameters())
+    if checkpointing:
+        total += (activation_bytes(net, [], microbatch, compute_bytes, True)
+                  - activation_bytes(net, [], microbatch, compute_bytes, True, include_recompute=False))
+    return total
 
 
 def estimate_memory(cfg: RunConfig, net: DiT | MMDiT, world_size: int, microbatch: int, gpu: bool) -> Memory:
@@ -121,7 +152,10 @@ def estimate_memory(cfg: RunConfig, net: DiT | MMDiT, world_size: int, microbatc
         ema = 4 * p_count / w  # sharded like the fp32 master partition, every stage
         mem.terms.update(params=params, grads=grads, master=master, optimizer=optimizer, ema=ema)
         if ds.zero_stage == 3:
-            mem.terms["gathered_units"] = min(ds.stage3_prefetch_bucket_size, p_count) * param_bytes + 2 * unit * param_bytes
+            # parameters stay gathered up to stage3_max_live_parameters (DeepSpeed releases one only past that or
+            # when its next use is further than stage3_max_reuse_distance); the prefetch bucket comes on top
+            mem.terms["live_params"] = min(p_count, max(ds.stage3_max_live_parameters, unit)) * param_bytes
+            mem.terms["prefetch"] = min(ds.stage3_prefetch_bucket_size, p_count) * param_bytes
         mem.terms["buckets"] = min(ds.reduce_bucket_size, p_count) * 4
         if ds.offload_optimizer:
             mem.host["master"] = mem.terms.pop("master")
@@ -129,7 +163,45 @@ def estimate_memory(cfg: RunConfig, net: DiT | MMDiT, world_size: int, microbatc
         if ds.offload_params:
             mem.host["params"] = mem.terms.pop("params")
     mem.terms["activations"] = act
+    mem.terms["backward"] = backward_transient_bytes(net, microbatch, par.activation_checkpointing, compute)
+    if par.backend == "deepspeed" and par.deepspeed.zero_stage == 3:
+        mem.terms["backward"] += unit * (4 if par.grad_reduce_dtype == "fp32" else compute)  # a block's gradients
+    mem.checkpoint_host, mem.export_host = save_host_memory(cfg, net, world_size, compute)
     return mem
+
+
+def save_host_memory(cfg: RunConfig, net: DiT | MMDiT, world_size: int,
+                     compute_bytes: int) -> tuple[dict[str, float], float]:
+    """Host bytes to save a checkpoint (busiest rank, by term) and to export the EMA (rank 0).
+
+    * DDP: every rank gathers the full EMA into Composer's state (4 bytes per parameter); rank 0's
+      ``torch.save`` copies the model and Adam state to the host one tensor at a time.
+    * FSDP2 ``full``: rank 0 holds the full model and Adam moments on the host (12 B/param); every rank the
+      full EMA. FSDP2 ``sharded`` (DCP): host copies of the rank's shards (16 B/param / shard).
+    * DeepSpeed: each rank writes its EMA fragments one tensor at a time (at most one parameter); the engine's
+      ``torch.save`` copies one flat partition at a time (the fp32 master partition, 4 B/param / ranks; none
+      with optimizer offload), and rank 0 under ZeRO-1/2 the module's flat weights (compute dtype).
+
+    The EMA export gathers one tensor at a time onto rank 0, which writes it at once: about the largest tensor.
+    """
+    p = sum(x.numel() for x in net.parameters() if x.requires_grad)
+    largest = 4 * max(x.numel() for x in net.state_dict().values())
+    ema = 4 * p if cfg.ema.enabled else 0.0
+    par = cfg.parallelism
+    if par.backend == "ddp":
+        terms = {"ema": ema, "model_and_optimizer": largest}
+    elif par.backend == "fsdp" and par.fsdp.state_dict_type == "full":
+        terms = {"ema": ema, "model_and_optimizer": 12 * p}
+    elif par.backend == "fsdp":
+        shard = world_size // par.fsdp.replicate
+        terms = {"ema": ema / shard, "model_and_optimizer": 12 * p / shard}
+    else:
+        ds = par.deepspeed
+        fragment = largest / world_size if ds.zero_stage == 3 else min(largest, 4 * p / world_size)
+        optimizer = 0.0 if ds.offload_optimizer else 4 * p / world_size
+        module = compute_bytes * p if ds.zero_stage < 3 else 0.0
+        terms = {"ema": fragment if cfg.ema.enabled else 0.0, "engine": max(optimizer, module)}
+    return terms, largest
 
 
 def parse_bytes(text: str) -> float:
@@ -142,7 +214,7 @@ def parse_bytes(text: str) -> float:
 
 
 def dry_run(cfg: RunConfig, world_size: int, gpu_memory: str | None = None, projection=None,
-            max_nodes: int = 128) -> str:
+            max_nodes: int = 128, choose=None) -> str:
     """Validate ``cfg`` for ``world_size`` ranks and return a human-readable report.
 
     Args:
@@ -152,6 +224,8 @@ def dry_run(cfg: RunConfig, world_size: int, gpu_memory: str | None = None, proj
         projection: :class:`~tread_scale.parallel.scaling.Assumptions` to also project step time and weak
             scaling from 1 to ``max_nodes`` nodes with (``None``: no projection).
         max_nodes: Largest node count of the projection.
+        choose: :class:`~tread_scale.parallel.scaling.Assumptions` to also choose the micro-batch and activation
+            checkpointing with (:mod:`tread_scale.parallel.choose`; needs ``gpu_memory``), or ``None``.
 
     Raises:
         ConfigError: For a plan that cannot run (batch split, mesh, ZeRO options, …).
@@ -190,12 +264,22 @@ def dry_run(cfg: RunConfig, world_size: int, gpu_memory: str | None = None, proj
         "memory/rank   " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in mem.terms.items()) + " GiB",
         f"              total {mem.total / GiB:.2f} GiB (training state {mem.training_state / GiB:.2f} GiB)"
         + (("; on the host: " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in mem.host.items()) + " GiB") if mem.host else ""),
+        f"save/host     checkpoint {sum(mem.checkpoint_host.values()) / GiB:.2f} GiB on the busiest rank ("
+        + ", ".join(f"{k} {v / GiB:.2f}" for k, v in mem.checkpoint_host.items())
+        + f"); EMA export {mem.export_host / GiB:.2f} GiB on rank 0 (streamed), none elsewhere",
     ]
     if gpu_memory is not None:
         cap = parse_bytes(gpu_memory)
         verdict = "fits" if mem.total <= 0.9 * cap else "DOES NOT FIT"
         lines.append(f"GPU memory    {cap / GiB:.0f} GiB per GPU: {verdict} ({100 * mem.total / cap:.0f}% of it; "
                      "allocator fragmentation and CUDA context add roughly 10%)")
+    if choose is not None:
+        from tread_scale.parallel.choose import choice_report
+
+        if gpu_memory is None:
+            raise ConfigError("--choose needs --gpu-memory (the memory the choice must fit in)")
+        lines += choice_report(cfg, net, world_size, parse_bytes(gpu_memory), choose, run_train_flops(cfg, net, flops),
+                               flops)
     if projection is not None:
         from tread_scale.parallel.scaling import projection_report
 
@@ -235,4 +319,4 @@ def schedule_lines(cfg: RunConfig, net: DiT | MMDiT, flops: Flops) -> list[str]:
                   f"(x{mean / flops.train_dense:.3f} of dense; full rates alone x{flops.train_routed / flops.train_dense:.3f})"]
 
 
-__all__ = ["dry_run", "estimate_memory", "model_flops", "activation_bytes", "Memory", "Flops", "run_train_flops"]
+__all__ = ["dry_run", "estimate_memory", "save_host_memory", "model_flops", "activation_bytes", "Memory", "Flops", "run_train_flops"]
