@@ -351,8 +351,13 @@ def _checked_path(path: str | os.PathLike) -> Path:
     return p
 
 
-def _stored_meta(p: Path) -> dict[str, Any]:
-    """The JSON metadata in the header of the safetensors file ``p``.
+def read_header_json(p: Path, key: str = META_KEY, missing: str = "it was not written by tread_scale") -> Any:
+    """The JSON stored under ``key`` in the header metadata of the safetensors file ``p``.
+
+    Args:
+        p: The file.
+        key: The metadata key (``tread_scale_meta`` for weights files).
+        missing: What the error says after "no '<key>' metadata; " when the key is absent.
 
     Raises:
         CheckpointError: If the file is unreadable or lacks the metadata.
@@ -362,11 +367,11 @@ def _stored_meta(p: Path) -> dict[str, Any]:
 
     try:
         with safe_open(str(p), framework="pt") as f:
-            raw_meta = (f.metadata() or {}).get(META_KEY)
+            raw_meta = (f.metadata() or {}).get(key)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from None
     if raw_meta is None:
-        raise CheckpointError(f"{p}: no '{META_KEY}' metadata; it was not written by tread_scale")
+        raise CheckpointError(f"{p}: no '{key}' metadata; {missing}")
     return json.loads(raw_meta)
 
 
@@ -383,7 +388,7 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     from safetensors.torch import load_file
 
     p = _checked_path(path)
-    meta = _stored_meta(p)
+    meta = read_header_json(p)
     try:
         tensors = load_file(str(p))
     except (SafetensorError, OSError) as e:
@@ -398,7 +403,7 @@ def read_meta(path: str | os.PathLike) -> WeightsMeta:
         CheckpointError: As :func:`load_weights_and_meta`.
     """
     p = _checked_path(path)
-    return WeightsMeta.from_dict(_stored_meta(p), str(p))
+    return WeightsMeta.from_dict(read_header_json(p), str(p))
 
 
 def load_weights_and_meta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], WeightsMeta]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from tread_scale.errors import ConfigError
 from tread_scale.models.flops import Flops
-from tread_scale.parallel.scaling import Assumptions, comm_seconds, step_collectives
+from tread_scale.parallel.scaling import Assumptions, comm_seconds, comm_shape
 
 GiB = 1024**3
 #: Fraction of the GPU's memory a plan may use (allocator fragmentation and the CUDA context take the rest).
@@ -79,15 +79,7 @@ def plan_options(cfg, net, world_size: int, capacity: float, a: Assumptions, tra
     """
     per_rank = cfg.train.global_batch_size // world_size
     par = cfg.parallelism
-    params = sum(p.numel() for p in net.parameters())
-    compute_bytes = 4 if cfg.train.precision == "fp32" else 2
-    units = sum(1 for m in net.modules() if net.fsdp_wrap_fn(m)) + 1
-    if par.backend == "deepspeed" and par.deepspeed.zero_stage < 3:
-        units = max(1, math.ceil(params * compute_bytes / par.deepspeed.reduce_bucket_size))
-    collectives = step_collectives(par.backend, params, world_size, units=units, compute_bytes=compute_bytes,
-                                   fsdp=par.fsdp, deepspeed=par.deepspeed,
-                                   grad_reduce_bytes=2 if par.grad_reduce_dtype == "bf16" else 4)
-    comm_per = comm_seconds(collectives, a)
+    comm_per = comm_seconds(comm_shape(cfg, net).collectives(cfg, world_size), a)
     regathers = par.backend == "fsdp" or (par.backend == "deepspeed" and par.deepspeed.zero_stage == 3)
     recompute = flops.blocks_routed / flops.routed * (train_flops / 3)  # one more forward of the blocks
     rate = a.mfu * a.peak_tflops * 1e12

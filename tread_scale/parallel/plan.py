@@ -36,7 +36,7 @@ from tread_scale.models.dit import DiT
 from tread_scale.models.mmdit import MMDiT
 from tread_scale.models.flops import Flops, model_flops
 from tread_scale.routing.flops import block_flops, tokens_per_block
-from tread_scale.routing.routes import resolve_routes
+from tread_scale.routing.routes import resolve_routes, scale_routes
 
 #: Values of width D saved for backward per token and block: kept in fp32 under autocast (2 LayerNorm
 #: inputs, 2 modulated activations) and in the compute dtype (qkv input, q, k, v, attention output,
@@ -298,11 +298,7 @@ def run_train_flops(cfg: RunConfig, net: DiT | MMDiT, flops: Flops) -> float:
     schedule, total = cfg.routing.schedule, _duration_batches(cfg)
     if schedule.is_constant or total is None:
         return flops.train_routed
-    return schedule.mean_of(total, lambda f: model_flops(net, [_scaled(r, f) for r in cfg.routes]).train_routed)
-
-
-def _scaled(route, factor: float):
-    return type(route)(route.rate * factor, route.start, route.end)
+    return schedule.mean_of(total, lambda f: model_flops(net, scale_routes(cfg.routes, f)).train_routed)
 
 
 def schedule_lines(cfg: RunConfig, net: DiT | MMDiT, flops: Flops) -> list[str]:

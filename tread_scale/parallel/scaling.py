@@ -189,6 +189,33 @@ def project(backend: str, params: int, train_flops_per_image: float, per_gpu_bat
     return rows
 
 
+@dataclass(frozen=True)
+class CommShape:
+    """What a run's collectives depend on, read from its config and model (:func:`comm_shape`)."""
+
+    params: int
+    units: int
+    compute_bytes: int
+    grad_reduce_bytes: int
+
+    def collectives(self, cfg, world: int) -> list[Collective]:
+        """:func:`step_collectives` of ``cfg``'s backend over ``world`` ranks."""
+        par = cfg.parallelism
+        return step_collectives(par.backend, self.params, world, units=self.units, compute_bytes=self.compute_bytes,
+                                fsdp=par.fsdp, deepspeed=par.deepspeed, grad_reduce_bytes=self.grad_reduce_bytes)
+
+
+def comm_shape(cfg, net) -> CommShape:
+    """Parameters, call count (FSDP units, or ZeRO-1/2 reduce buckets) and value sizes of ``cfg``'s collectives."""
+    par = cfg.parallelism
+    params = sum(p.numel() for p in net.parameters())
+    compute_bytes = 4 if cfg.train.precision == "fp32" else 2
+    units = sum(1 for m in net.modules() if net.fsdp_wrap_fn(m)) + 1
+    if par.backend == "deepspeed" and par.deepspeed.zero_stage < 3:
+        units = max(1, math.ceil(params * compute_bytes / par.deepspeed.reduce_bucket_size))
+    return CommShape(params, units, compute_bytes, 2 if par.grad_reduce_dtype == "bf16" else 4)
+
+
 def projection_report(cfg, net, train_flops_per_image: float, per_gpu_batch: int, a: Assumptions,
                       max_nodes: int = 128) -> list[str]:
     """The ``dry-run --project`` table for ``cfg``.
@@ -205,23 +232,18 @@ def projection_report(cfg, net, train_flops_per_image: float, per_gpu_batch: int
         The report's lines.
     """
     par = cfg.parallelism
-    params = sum(p.numel() for p in net.parameters())
-    compute_bytes = 4 if cfg.train.precision == "fp32" else 2
-    grad_reduce_bytes = 2 if par.grad_reduce_dtype == "bf16" else 4
-    units = sum(1 for m in net.modules() if net.fsdp_wrap_fn(m)) + 1
-    if par.backend == "deepspeed" and par.deepspeed.zero_stage < 3:
-        units = max(1, math.ceil(params * compute_bytes / par.deepspeed.reduce_bucket_size))
+    shape = comm_shape(cfg, net)
     nodes, n = [], 1
     while n <= max_nodes:
         nodes.append(n)
         n *= 2
     if nodes[-1] != max_nodes:
         nodes.append(max_nodes)
-    rows = project(par.backend, params, train_flops_per_image, per_gpu_batch, units=units, compute_bytes=compute_bytes,
-                   a=a, nodes=nodes, fsdp=par.fsdp if par.backend == "fsdp" else None,
-                   deepspeed=par.deepspeed if par.backend == "deepspeed" else None, grad_reduce_bytes=grad_reduce_bytes)
-    example = step_collectives(par.backend, params, 2 * a.gpus_per_node, units=units, compute_bytes=compute_bytes,
-                               fsdp=par.fsdp, deepspeed=par.deepspeed, grad_reduce_bytes=grad_reduce_bytes)
+    rows = project(par.backend, shape.params, train_flops_per_image, per_gpu_batch, units=shape.units,
+                   compute_bytes=shape.compute_bytes, a=a, nodes=nodes, fsdp=par.fsdp if par.backend == "fsdp" else None,
+                   deepspeed=par.deepspeed if par.backend == "deepspeed" else None,
+                   grad_reduce_bytes=shape.grad_reduce_bytes)
+    example = shape.collectives(cfg, 2 * a.gpus_per_node)
     lines = [f"projection    weak scaling, {per_gpu_batch} images per GPU per step, {par.backend}"
              + (f" (ZeRO-{par.deepspeed.zero_stage})" if par.backend == "deepspeed" else ""),
              f"  assumptions {a.describe()}",

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tread_scale.rng import SeedStream, mix_seed, seeded_generator
-from tread_scale.routing.routes import ResolvedRoute, Route, check_rate, resolve_routes
+from tread_scale.routing.routes import ResolvedRoute, Route, check_rate, resolve_routes, scale_routes
 from tread_scale.routing.tokens import num_kept
 
 
@@ -38,9 +38,7 @@ class TokenRouter(nn.Module):
 
     def active_routes(self) -> list[Route]:
         """The routes with the rates in use now (``rate × rate_factor``; see :mod:`tread_scale.routing.schedule`)."""
-        if self.rate_factor == 1.0:
-            return list(self.routes)
-        return [Route(r.rate * self.rate_factor, r.start, r.end) for r in self.routes]
+        return scale_routes(self.routes, self.rate_factor)
 
     @property
     def rank(self) -> int:

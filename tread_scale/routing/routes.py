@@ -41,6 +41,13 @@ class ResolvedRoute:
         return self.end - self.start + 1
 
 
+def scale_routes(routes: Sequence[Route], factor: float) -> list[Route]:
+    """The routes with every rate multiplied by ``factor`` (a routing schedule's factor; 1 keeps them)."""
+    if factor == 1.0:
+        return list(routes)
+    return [Route(r.rate * factor, r.start, r.end) for r in routes]
+
+
 def check_rate(rate: float, where: str) -> None:
     """Raise :class:`RouteError` unless ``0 <= rate < 1``."""
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= float(rate) < 1.0:

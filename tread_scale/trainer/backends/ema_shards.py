@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from tread_scale.errors import CheckpointError
-from tread_scale.weights import SafetensorsWriter
+from tread_scale.weights import SafetensorsWriter, read_header_json
 
 log = logging.getLogger(__name__)
 
@@ -80,22 +80,13 @@ class EMAShards:
     """
 
     def __init__(self, folder: str | Path) -> None:
-        from safetensors import SafetensorError, safe_open
-
         self.folder = Path(folder)
         files = sorted(p for p in self.folder.glob("rank*-of-*.safetensors") if SHARD_NAME.fullmatch(p.name))
         if not files:
             raise CheckpointError(f"{self.folder}: no EMA shard files (rank<R>-of-<W>.safetensors)")
         metas = []
         for path in files:
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    raw = (f.metadata() or {}).get(SHARD_KEY)
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-            if raw is None:
-                raise CheckpointError(f"{path}: no '{SHARD_KEY}' metadata; not an EMA shard file of tread_scale")
-            meta = json.loads(raw)
+            meta = read_header_json(path, SHARD_KEY, "not an EMA shard file of tread_scale")
             if meta.get("format") != FORMAT:
                 raise CheckpointError(f"{path}: EMA shard format {meta.get('format')!r}, this code reads {FORMAT}")
             metas.append((path, meta))
