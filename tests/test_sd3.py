@@ -119,6 +119,16 @@ def test_unsupported_members_and_layouts_are_refused_by_name(tmp_path):
         import_sd3(tmp_path / "nowhere", tmp_path / "n.safetensors")
 
 
+def test_import_refuses_an_empty_prompt_dataset_without_captions(tmp_path, latent_dataset):
+    from tread_scale.errors import DatasetError
+    from tread_scale.sd3 import import_sd3
+
+    _sd3(None, depth=2).save_pretrained(tmp_path / "src")
+    with pytest.raises(DatasetError, match=f"--empty-prompt {latent_dataset}: the dataset has no captions"):
+        import_sd3(tmp_path / "src", tmp_path / "w.safetensors", empty_prompt=latent_dataset)
+    assert not (tmp_path / "w.safetensors").exists()
+
+
 def _original_layout(ours: dict, depth: int, qk_norm: bool) -> dict:
     """Our state as SD3's original single-file layout (what Stability's checkpoints hold)."""
     names = {"pooled_embedder": "y_embedder"}

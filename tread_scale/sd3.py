@@ -13,7 +13,9 @@ The parameter maps are :mod:`tread_scale.models.sd3_layout`. Sources:
 
 Imported weights record SD3's conventions: rectified flow with ``shift`` 3.0, ``timestep_scale`` 1000,
 ``pos_embed: sd3``, ``text_mask: false`` (SD3 attends to padded T5 tokens), 16 latent channels (from the
-file). Their null condition is empty until a fine-tune sets it from its dataset's empty prompt.
+file). Their null condition (CFG's unconditional branch) is unset, and CFG sampling refuses them, until
+``--empty-prompt DATASET`` stores a captioned dataset's encoded empty prompt with them or a fine-tune sets it
+from its data.
 """
 
 from __future__ import annotations
@@ -100,16 +102,20 @@ def read_original_file(path: Path, input_size: int) -> tuple[dict[str, Any], dic
     return config, convert_sd3_transformer_checkpoint_to_diffusers(dict(state))
 
 
-def import_sd3(src: str | Path, out: str | Path, input_size: int = 128) -> Path:
+def import_sd3(src: str | Path, out: str | Path, input_size: int = 128, empty_prompt: str | None = None) -> Path:
     """Convert SD3 / SD3.5 transformer weights to our safetensors (for ``model.init_from`` and ``sample``).
 
     Args:
         src: A diffusers folder or an original-layout single ``.safetensors`` file.
         out: The ``.safetensors`` to write.
         input_size: Latent side for a single file (a diffusers config has its ``sample_size``).
+        empty_prompt: A captioned dataset (local or ``s3://``) in the model's text layout whose encoded empty
+            prompt becomes the null condition (so CFG sampling works before any fine-tune); ``None`` leaves it
+            unset.
 
     Raises:
         CheckpointError: For an unsupported member (named), a missing tensor or a shape that does not fit.
+        DatasetError: If ``empty_prompt`` has no text or its widths differ from the model's.
     """
     from tread_scale.models.mmdit import MMDiT
 
@@ -126,10 +132,13 @@ def import_sd3(src: str | Path, out: str | Path, input_size: int = 128) -> Path:
     with torch.device("meta"):
         net = MMDiT(**kwargs)
     expected = net.state_dict()
-    for name in ("null_emb", "null_mask", "null_pooled"):  # set by a fine-tune from its data's empty prompt
+    for name in ("null_emb", "null_mask", "null_pooled"):  # unset: see empty_prompt
         ours[name] = torch.zeros(expected[name].shape, dtype=expected[name].dtype)
+    text_facts = None
+    if empty_prompt is not None:
+        text_facts = _null_from_dataset(ours, empty_prompt, kwargs["text_dim"], kwargs["pooled_dim"])
     bad = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in ours.items()
-           if k in expected and v.shape != expected[k].shape]
+           if k in expected and v.shape != expected[k].shape and not k.startswith("null_")]  # (any text length)
     missing, unexpected = sorted(set(expected) - set(ours)), sorted(set(ours) - set(expected))
     if bad or missing or unexpected:
         raise CheckpointError(f"{src}: the converted weights do not fit an MMDiT of {kwargs['depth']} blocks of width "
@@ -143,13 +152,37 @@ def import_sd3(src: str | Path, out: str | Path, input_size: int = 128) -> Path:
              "timestep_scale": 1000.0, "text_mask": False}
     meta = WeightsMeta(model=model, routing={"routes": []}, objective={"kind": "rf", "shift": SD3_SHIFT},
                        data=DataFacts(latent_shape=[kwargs["in_channels"], kwargs["input_size"], kwargs["input_size"]],
-                                      num_classes=0, vae="sd3"),
+                                      num_classes=0, vae="sd3", text=text_facts),
                        source=f"SD3 import of {p.name}", step=0)
     log.info("SD3 MMDiT: %d blocks of width %d (%d heads), %s, patch %d, %d latent channels, position table %d^2",
              kwargs["depth"], kwargs["hidden_size"], kwargs["num_heads"],
              "RMS QK-norm" if kwargs["qk_norm"] else "no QK-norm", kwargs["patch_size"], kwargs["in_channels"],
              kwargs["pos_embed_max_size"])
     return save_weights(out, ours, meta)
+
+
+def _null_from_dataset(state: dict[str, torch.Tensor], root: str, text_dim: int, pooled_dim: int) -> dict:
+    """Put the encoded empty prompt of captioned dataset ``root`` into ``state`` as the null condition and
+    return the dataset's text facts (recorded with the weights)."""
+    import dataclasses
+
+    from tread_scale.data.metadata import read_empty_prompt, read_metadata
+    from tread_scale.errors import DatasetError
+
+    meta = read_metadata(root)
+    if meta.text is None:
+        raise DatasetError(f"--empty-prompt {root}: the dataset has no captions, so no empty prompt")
+    if (meta.text.emb_dim, meta.text.pooled_dim) != (text_dim, pooled_dim):
+        raise DatasetError(f"--empty-prompt {root}: its text is {meta.text.emb_dim} wide with pooled width "
+                           f"{meta.text.pooled_dim}, the model takes {text_dim} and {pooled_dim} (SD3's layout: "
+                           "convert captions with --clip-l, --clip-g and --t5)")
+    empty = read_empty_prompt(root, meta)
+    state["null_emb"] = empty["text_emb"].float().unsqueeze(0)
+    state["null_mask"] = empty["text_mask"].bool().unsqueeze(0)
+    state["null_pooled"] = empty["text_pooled"].float().unsqueeze(0)
+    log.info("null condition: the empty prompt of %s (%d tokens, %d valid)", root, meta.text.seq_len,
+             int(state["null_mask"].sum()))
+    return dataclasses.asdict(meta.text)
 
 
 def export_sd3_diffusers(weights: str | Path, out_dir: str | Path) -> Path:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import REPO
@@ -39,6 +42,36 @@ def launch(cfg: dict, nprocs: int, tmp_path: Path, *overrides: str, timeout: int
     log.write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, f"training failed ({' '.join(cmd)}):\n{(proc.stdout + proc.stderr)[-6000:]}"
     return proc
+
+
+def kill_after(cfg: dict, nprocs: int, tmp_path: Path, *overrides: str, step: int, timeout: float = 300) -> None:
+    """Start ``cfg`` on ``nprocs`` processes (``composer -n``, or ``python launch.py`` for one) and SIGKILL the
+    whole process tree once ``step`` has been logged to ``metrics.jsonl``."""
+    from composer.utils import get_free_tcp_port
+
+    path = tmp_path / f"{cfg['run_name']}-kill.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    if nprocs == 1:
+        cmd = [sys.executable, str(REPO / "launch.py"), str(path), *overrides]
+    else:
+        cmd = [str(Path(sys.executable).with_name("composer")), "-n", str(nprocs), "--master_port",
+               str(get_free_tcp_port()), str(REPO / "launch.py"), str(path), *overrides]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = Path(cfg["output_dir"]) / cfg["run_name"] / "metrics.jsonl"
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            if metrics.exists() and any(json.loads(l)["step"] >= step for l in metrics.read_text().splitlines()):
+                break
+            if proc.poll() is not None:
+                pytest.fail("the run ended before it could be killed")
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"the run did not reach the kill step {step} within {timeout:.0f} s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -1,20 +1,13 @@
 """R1: SIGKILL and autoresume on 2 ranks is bitwise exact; R2: elastic resume 2 -> 1 and 1 -> 2 ranks."""
 
-import json
 import os
 import random
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from tests.conftest import REPO, tiny_run_cfg
-from tests.parallel.launcher import launch, losses
+from tests.conftest import tiny_run_cfg
+from tests.parallel.launcher import kill_after, launch, losses
 from tread_scale.trainer.callbacks.sample_ledger import consumed
 from tread_scale.weights import load_weights
 
@@ -33,40 +26,13 @@ def _cfg(data, out, name, steps=8):
     return cfg
 
 
-def _kill_after(cfg, tmp_path, overrides, step):
-    """Start 2 ranks and SIGKILL the whole process tree once ``step`` has been logged."""
-    from composer.utils import get_free_tcp_port
-
-    path = tmp_path / f"{cfg['run_name']}-kill.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    composer = Path(sys.executable).with_name("composer")
-    proc = subprocess.Popen([str(composer), "-n", "2", "--master_port", str(get_free_tcp_port()),
-                             str(REPO / "launch.py"), str(path), *overrides], cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    metrics = Path(cfg["output_dir"]) / cfg["run_name"] / "metrics.jsonl"
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            if metrics.exists() and any(json.loads(l)["step"] >= step for l in metrics.read_text().splitlines()):
-                break
-            if proc.poll() is not None:
-                pytest.fail("the run ended before it could be killed")
-            time.sleep(0.05)
-        else:
-            pytest.fail("the run did not reach the kill step")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-
-
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_sigkill_then_autoresume_is_bitwise_exact(backend, latent_dataset, tmp_path):
     straight = _cfg(latent_dataset, tmp_path / "a", "straight")
     launch(straight, 2, tmp_path, *BACKENDS[backend])
     killed = _cfg(latent_dataset, tmp_path / "b", "killed")
     kill_at = random.Random(backend).randint(3, 6)  # after the checkpoint at step 2 (or 4)
-    _kill_after(killed, tmp_path, BACKENDS[backend], kill_at)
+    kill_after(killed, 2, tmp_path, *BACKENDS[backend], step=kill_at)
     assert max(losses(tmp_path / "b" / "killed")) < 8, "killed before the end"
     # a kill between writing a checkpoint and moving the latest pointer to it leaves a (maybe truncated) newer
     # file behind; make sure there is one, so the resume is always tested with it in the way

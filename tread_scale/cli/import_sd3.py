@@ -17,6 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .safetensors")
     p.add_argument("--input-size", type=int, default=128,
                    help="latent side for a single file (default 128: 1024x1024 images); a folder's config has it")
+    p.add_argument("--empty-prompt", metavar="DATASET",
+                   help="a captioned dataset (local or s3://, SD3's text layout) whose encoded empty prompt becomes "
+                        "the null condition, so CFG sampling works before any fine-tune")
     return p
 
 
@@ -24,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     """Convert the weights."""
     from tread_scale.sd3 import import_sd3
 
-    out = import_sd3(args.src, args.out, args.input_size)
+    out = import_sd3(args.src, args.out, args.input_size, empty_prompt=args.empty_prompt)
     log.info("wrote %s (fine-tune with model.init_from=%s and the model keys it records; sample with "
              "tread-scale sample)", out, out)
     return 0

@@ -324,6 +324,12 @@ class MMDiT(PatchTokenNet):
         return TextCondition(self.null_emb, self.null_mask, self.null_pooled)
 
     @property
+    def has_null_condition(self) -> bool:
+        """Whether a null condition was set (an encoded empty prompt has at least one valid token); imported
+        SD3 weights have none until ``import-sd3 --empty-prompt`` or a fine-tune sets it."""
+        return bool(self.null_mask.any())
+
+    @property
     def null_label(self) -> TextCondition:
         """Alias of :attr:`null_condition`, named like the DiT's null label."""
         return self.null_condition

@@ -14,6 +14,7 @@ from torch import nn
 
 from tread_scale.diffusion.edm import EDM, edm_heun_sample
 from tread_scale.diffusion.guidance import Guidance, GuidedPredictor
+from tread_scale.errors import ConfigError
 from tread_scale.diffusion.rectified_flow import rf_euler_sample
 
 
@@ -57,11 +58,18 @@ def sample_latents(
 
     Raises:
         ValueError: If ``objective`` is neither ``edm`` nor ``rf``.
+        ConfigError: If guidance needs the unconditional branch and the network has no null condition.
     """
+    g = guidance or Guidance()
+    if (g.uses_cfg or (g.uses_tread and g.tread_drop_label)) and not getattr(net, "has_null_condition", True):
+        raise ConfigError("these weights have no null condition (the encoded empty prompt), which CFG's "
+                          "unconditional branch needs: imported SD3 weights get it with `tread-scale import-sd3 "
+                          "--empty-prompt DATASET` (a captioned dataset in the model's text layout) or from a "
+                          "fine-tune's data; or sample without CFG (--cfg-scale 1)")
     was_training = net.training
     net.eval()
     try:
-        guided = GuidedPredictor(net, guidance or Guidance(), null_label=net.null_label, seed=routing_seed)
+        guided = GuidedPredictor(net, g, null_label=net.null_label, seed=routing_seed)
         b = noise.shape[0]
         if objective == "edm":
             edm = edm or EDM()
