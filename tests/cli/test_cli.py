@@ -1,5 +1,7 @@
 """The ``tread-scale`` command line: clear errors with exit code 2, and the sample command."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,22 @@ def test_train_with_an_unknown_key_exits_2_naming_it(tmp_path, capsys):
     path.write_text(dump_config(config_from_dict(tiny_run_cfg("/d", tmp_path))))
     assert main(["train", str(path), "trian.max_duration=2ba"]) == 2
     assert "unknown config key 'trian'; did you mean 'train'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["missing", "unknown_key"])
+def test_an_error_is_reported_once(tmp_path, case):
+    """Issue 22.9: a TreadScaleError was both logged and printed, so it appeared twice on stderr."""
+    if case == "missing":
+        path, message = tmp_path / "nope.yaml", "does not exist"
+    else:
+        path, message = tmp_path / "c.yaml", "unknown config key 'trian'"
+        path.write_text("trian: {}\n")
+    proc = subprocess.run([sys.executable, "-m", "tread_scale.cli", "train", str(path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    output = proc.stdout + proc.stderr
+    assert output.count(message) == 1, output
+    assert "tread-scale train: error: " in proc.stderr
 
 
 def test_convert_empty_folder_exits_2(tmp_path, capsys):

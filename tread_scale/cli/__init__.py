@@ -10,7 +10,7 @@ import sys
 from tread_scale.cli import convert, dry_run, export, fid, import_dit, import_sd3, plot, sample, train
 from tread_scale.cli.common import CommandParser
 from tread_scale.errors import TreadScaleError
-from tread_scale.log_setup import setup_logging
+from tread_scale.log_setup import redact, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None, *, owns_process: bool | None = None) -> 
     try:
         return runners[args.command](args)
     except TreadScaleError as e:
-        log.error("%s", e)
-        print(f"tread-scale {args.command}: error: {e}", file=sys.stderr)
+        # One line on stderr, as argparse reports usage errors; not logged as well, which printed it twice.
+        print(redact(f"tread-scale {args.command}: error: {e}"), file=sys.stderr)
         return 2
 
 
