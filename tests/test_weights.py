@@ -51,3 +51,35 @@ def test_resolve_weights_of_a_run_folder(tmp_path):
     (tmp_path / "ema" / "latest.safetensors").write_bytes(b"")
     assert resolve_weights(tmp_path) == tmp_path / "ema" / "latest.safetensors"
     assert resolve_weights(tmp_path / "x.safetensors") == tmp_path / "x.safetensors"
+
+
+@pytest.fixture
+def umask_002():
+    import os
+
+    old = os.umask(0o002)
+    yield 0o664
+    os.umask(old)
+
+
+def test_written_weights_get_the_usual_file_mode(tmp_path, umask_002):
+    """Issue 22.9: safetensors' save_file creates its file 0600, files written with open() get 0666 & ~umask."""
+    import os
+    import shutil
+    import stat
+
+    from tread_scale.files import replace_atomically
+    from tread_scale.weights import safetensors_order, save_weights_streaming
+
+    sd = {"w": torch.ones(3, 2), "b": torch.zeros(2)}
+    meta = {"step": 1}
+    exported = save_weights(tmp_path / "export.safetensors", sd, meta)
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in sd.items()}
+    streamed = save_weights_streaming(tmp_path / "ema" / "ba00000002.safetensors", specs,
+                                      [(k, sd[k]) for k in safetensors_order(specs)], meta)
+    latest = tmp_path / "ema" / "latest.safetensors"  # as EMAExport makes it
+    shutil.copyfile(streamed, latest.with_name("latest.safetensors.tmp"))
+    replace_atomically(latest.with_name("latest.safetensors.tmp"), latest)
+    modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in (exported, streamed, latest)}
+    assert modes == dict.fromkeys(modes, umask_002), {k: oct(v) for k, v in modes.items()}
+    assert sorted(p.name for p in tmp_path.rglob("*.tmp")) == []

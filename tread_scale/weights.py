@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tread_scale.errors import CheckpointError
+from tread_scale.files import replace_atomically
 
 if TYPE_CHECKING:
     from tread_scale.config import ModelConfig, RoutingConfig, RunConfig
@@ -207,6 +208,8 @@ def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
                  meta: WeightsMeta | Mapping[str, Any]) -> Path:
     """Write ``state_dict`` (contiguous CPU copies) and ``meta`` (JSON) to a safetensors file, atomically.
 
+    The file gets the mode of any new file (``0o666 & ~umask``), as :class:`SafetensorsWriter`'s do.
+
     Args:
         path: The ``.safetensors`` file.
         state_dict: The tensors.
@@ -223,8 +226,7 @@ def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
     tmp = path.with_name(path.name + ".tmp")
     raw = meta.to_dict() if isinstance(meta, WeightsMeta) else dict(meta)
     save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(raw, sort_keys=True)})
-    tmp.replace(path)
-    return path
+    return replace_atomically(tmp, path)  # safetensors creates its file 0600; give it the usual mode
 
 
 #: safetensors' dtype codes (its header's ``dtype`` field).
@@ -309,8 +311,7 @@ class SafetensorsWriter:
             self._tmp.unlink(missing_ok=True)
             raise CheckpointError(f"{self.path}: {len(self.order) - self._next} tensors were never written "
                                   f"(first: {self.order[self._next]!r})")
-        self._tmp.replace(self.path)
-        return self.path
+        return replace_atomically(self._tmp, self.path)
 
     def __enter__(self) -> SafetensorsWriter:
         return self

@@ -211,13 +211,16 @@ def file_sha256(path: str | Path) -> str:
 
 
 def save_inception(model: FIDInception, path: str | Path) -> Path:
-    """Write the weights as safetensors (torchvision key layout)."""
+    """Write the weights as safetensors (torchvision key layout), atomically, with the usual file mode."""
     from safetensors.torch import save_file
+
+    from tread_scale.files import replace_atomically
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.net.state_dict().items()}, str(path))
-    return path
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in model.net.state_dict().items()}, str(tmp))
+    return replace_atomically(tmp, path)  # safetensors creates its file 0600
 
 
 def load_inception(path: str | Path, device: str | torch.device = "cpu") -> FIDInception:

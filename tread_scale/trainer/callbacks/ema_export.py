@@ -14,6 +14,7 @@ from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
 
 from tread_scale.data import object_store as s3
+from tread_scale.files import replace_atomically
 from tread_scale.trainer.callbacks.ema import EMA
 from tread_scale.trainer.callbacks.net_copy import save_weights_to_sample
 from tread_scale.weights import WeightsMeta
@@ -67,7 +68,7 @@ class EMAExport(Callback):
             return None
         latest = self.out_dir / "latest.safetensors"
         shutil.copyfile(path, latest.with_name("latest.safetensors.tmp"))
-        latest.with_name("latest.safetensors.tmp").replace(latest)
+        replace_atomically(latest.with_name("latest.safetensors.tmp"), latest)
         if self.remote_dir:
             s3.upload_file(path, s3.join_uri(self.remote_dir, path.name))
             s3.upload_file(latest, s3.join_uri(self.remote_dir, latest.name))
