@@ -263,7 +263,7 @@ def fid_of_weights(weights: str, inception: str, *, ref: str | None = None, ref_
     fakes = (images for _, _, images, _ in generate(
         net, settings.objective, rank_indices(num, rank, world_size), seed=seed, num_classes=meta.num_classes,
         steps=settings.steps, guidance=guidance, edm=settings.edm(), device=dev, batch_size=batch_size,
-        decode=decode, shift=settings.shift))
+        decode=decode, shift=settings.shift, num=num))
     fake = features_of(fakes, net_inception, dev, keep=extra)
     result = scores(fake, reference, real, device=dev)
     ok, why = comparability(net_inception.standard_weights, reference, result["num_samples"])

@@ -56,7 +56,7 @@ def sample_to_folder(weights: str, out: str, *, num: int | None = None, seed: in
         steps: Sampler steps (default: 40 for EDM-Heun, 50 for RF-Euler).
         guidance: CFG / TREAD guidance, or ``None``.
         vae: Local VAE folder to decode latents, or ``None``.
-        batch_size: Samples per forward pass (results do not depend on it).
+        batch_size: Samples per forward pass (results do not depend on it); at most ``num``.
         device: ``auto``, ``cpu``, ``gpu``/``cuda`` or ``cuda:N``.
         grid_max: At most this many samples in ``grid.png``.
 
@@ -98,7 +98,7 @@ def sample_to_folder(weights: str, out: str, *, num: int | None = None, seed: in
     for idx, lat, pixels, ys in generate(net, settings.objective, rank_indices(num, rank, world_size), seed=seed,
                                          num_classes=num_classes, steps=settings.steps, guidance=guidance,
                                          edm=settings.edm(), device=dev, batch_size=batch_size, decode=decode,
-                                         labels=labels, prompts=prompt_set, shift=settings.shift):
+                                         labels=labels, prompts=prompt_set, shift=settings.shift, num=num):
         rows += list(zip(idx, lat.numpy(), pixels, ys))
     if world_size > 1:
         import torch.distributed as dist

@@ -4,10 +4,13 @@ Sample ``i`` has seed ``seed + i`` and, for a class-conditional DiT, label ``mix
 a given label); for a text-conditioned MMDiT, prompt ``i mod n`` of a :class:`~tread_scale.sampling.prompts.
 PromptSet`. Rank ``r`` of ``W`` generates samples ``r, r + W, …`` in forward passes of exactly
 ``batch_size`` samples (the last one padded), so a sample's computation is the same whatever the world size.
+A batch size larger than the total number of samples asked for is capped to it (the same on every rank):
+no forward pass computes more padding than samples.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -23,6 +26,8 @@ from tread_scale.sampling.prompts import PromptSet
 from tread_scale.sampling.sampler import sample_latents, seeded_noise
 
 LABEL_SALT = 0x1AB
+
+log = logging.getLogger(__name__)
 
 
 def world() -> tuple[int, int]:
@@ -49,10 +54,28 @@ def rank_indices(n: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, n, world_size))
 
 
+def capped_batch_size(batch_size: int, num: int | None) -> int:
+    """The batch size of generating ``num`` samples in all (on every rank): ``min(batch_size, num)``.
+
+    Args:
+        batch_size: Samples per forward pass asked for (``--batch-size``).
+        num: Samples asked for in all, over every rank (``--num``), or ``None`` for no cap.
+
+    Raises:
+        ConfigError: If ``batch_size`` < 1.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if num is not None and 0 < num < batch_size:
+        log.info("--batch-size %d > --num %d: batches of %d", batch_size, num, num)
+        return num
+    return batch_size
+
+
 def generate(net: nn.Module, objective: str, indices: list[int], *, seed: int, num_classes: int, steps: int,
              guidance: Guidance | None, edm: EDM, device: torch.device, batch_size: int,
              decode: Callable[[torch.Tensor], torch.Tensor] | None = None, labels: list[int] | None = None,
-             prompts: PromptSet | None = None, shift: float = 1.0
+             prompts: PromptSet | None = None, shift: float = 1.0, num: int | None = None
              ) -> Iterator[tuple[list[int], torch.Tensor, np.ndarray, list[int]]]:
     """Generate the samples ``indices``, batch by batch.
 
@@ -67,23 +90,31 @@ def generate(net: nn.Module, objective: str, indices: list[int], *, seed: int, n
         edm: EDM preconditioning constants (used by ``edm``).
         shift: Rectified flow's timestep shift (used by ``rf``).
         device: Where to sample.
-        batch_size: Samples per forward pass; the last batch is padded to it.
+        batch_size: Samples per forward pass; the last batch is padded to it. Capped to ``num`` when given.
         decode: Latents → images in [-1, 1] (a VAE decoder), or ``None`` for pixel-space models.
         labels: Sample ``i`` gets ``labels[i % len(labels)]``; ``None`` draws a label per seed (DiT only).
         prompts: The prompts of a text-conditioned network (required for one): sample ``i`` gets prompt
             ``i % len(prompts)``.
+        num: The number of samples asked for in all, over every rank (e.g. ``n`` of :func:`rank_indices`);
+            batches are at most this big (:func:`capped_batch_size`). ``None``: ``batch_size`` as given.
 
     Yields:
         ``(indices, latents (CPU float32), images (uint8 NHWC), conditions)`` of each batch; the conditions
         are the labels, or for a text-conditioned network the prompt numbers.
 
     Raises:
-        ConfigError: If a text-conditioned network gets labels or no prompts, or a DiT gets prompts.
+        ConfigError: If a text-conditioned network gets labels or no prompts, a DiT gets prompts, or
+            ``batch_size`` < 1.
     """
     if is_text_model(net) and (prompts is None or labels):
         raise ConfigError("a text-conditioned network samples from prompts, not class labels")
     if prompts is not None and not is_text_model(net):
         raise ConfigError("prompts apply to text-conditioned (MMDiT) networks; a DiT samples from class labels")
+    batch_size = capped_batch_size(batch_size, num)
+    padding = -len(indices) % batch_size
+    if padding:
+        log.info("the last batch of %d computes %d padded sample(s) and discards them (a fixed batch size keeps "
+                 "each sample's result the same whatever the number of ranks)", batch_size, padding)
     shape = (net.in_channels, *net.input_size)
     for lo in range(0, len(indices), batch_size):
         idx = indices[lo: lo + batch_size]
