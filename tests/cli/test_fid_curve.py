@@ -129,6 +129,7 @@ def test_plot_of_dense_and_tread_curves(tmp_path, stub_fid):
 
 # ---- real FIDs of tiny trained runs (slow) ----
 
+VAL = {"val_every": "2ba", "val_num_samples": 8}
 COMMON = ["--steps", "2", "--batch-size", "4", "--num", "8", "--seed", "5", "--device", "cpu"]
 
 
@@ -148,7 +149,7 @@ def trained(tmp_path_factory):
     data = root / "data"
     assert main(["convert", "demo", "--num-samples", "40", "--resolution", "8", "--out", str(data),
                  "--no-progress"]) == 0
-    run = _train(root, str(data), "tread", "2ba")
+    run = _train(root, str(data), "tread", "2ba", evaluation=VAL)
     torch.manual_seed(0)
     inception = save_inception(FIDInception().eval(), root / "inception.safetensors")
     feats = np.random.default_rng(0).standard_normal((64, 2048))
@@ -161,10 +162,13 @@ def trained(tmp_path_factory):
 def test_curve_of_a_run_as_training_goes_on(trained, capsys):
     t = trained
     run, curve = t["run"], t["run"] / "fid_curve.jsonl"
-    assert main(["fid", str(run), "--every", "2ba", *t["args"]]) == 0
+    assert main(["fid", str(run), "--every", "2ba", *t["args"], "--val-data", t["data"], "--val-num", "8"]) == 0
     first = _lines(curve)
     assert [r["step"] for r in first] == [2]
-    _train(t["root"], t["data"], "tread", "4ba")  # training goes on (autoresume): only the new export is evaluated
+    # the curve's validation loss of the exported checkpoint is the in-training one, bitwise, same protocol
+    (in_training,) = [r for r in _lines(run / "eval.jsonl") if r["step"] == 2]
+    assert first[0]["val_loss"] == in_training["val_loss"] and first[0]["val_protocol"] == in_training["val_protocol"]
+    _train(t["root"], t["data"], "tread", "4ba", evaluation=VAL)  # training goes on (autoresume): only the new export is evaluated
     capsys.readouterr()
     assert main(["fid", str(run), "--all", *t["args"]]) == 0
     assert [json.loads(x)["step"] for x in capsys.readouterr().out.splitlines()] == [4]

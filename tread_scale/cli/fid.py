@@ -39,6 +39,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        help="FID curve: evaluate the run folder's ema/ba<N>.safetensors at multiples of N batches "
                             "(e.g. 10000ba), one JSON line each; checkpoints already in --out are skipped")
     curve.add_argument("--all", action="store_true", help="FID curve of every exported checkpoint (as --every)")
+    p.add_argument("--val-data", metavar="DATASET",
+                   help="also the fixed-timestep validation loss (docs/evaluation.md) of each evaluated checkpoint "
+                        "on this dataset's first --val-num samples (local or s3://; e.g. a held-out split)")
+    p.add_argument("--val-num", type=int, default=64, help="samples of --val-data (default 64)")
+    p.add_argument("--val-split", help="split folder of --val-data, if any")
     p.add_argument("--out", help="write the results as JSON here; with --every/--all, the JSON-lines curve "
                                  "(default: <run>/fid_curve.jsonl)")
     add_guidance_args(p)
@@ -50,6 +55,12 @@ def _fid_kwargs(args: argparse.Namespace) -> dict:
                 ref_num=args.ref_num, save_ref=args.save_ref, num=args.num, seed=args.seed, extra=args.extra,
                 steps=args.steps, guidance=guidance_from_args(args), vae=args.vae, batch_size=args.batch_size,
                 device=args.device)
+
+
+def _val_kwargs(args: argparse.Namespace) -> dict | None:
+    if not args.val_data:
+        return None
+    return dict(data=args.val_data, num_samples=args.val_num, split=args.val_split, device=args.device)
 
 
 def _check_curve_args(args: argparse.Namespace) -> int | None:
@@ -81,13 +92,17 @@ def run(args: argparse.Namespace) -> int:
         if curve:
             from tread_scale.evaluation.curve import fid_curve
 
-            for record in fid_curve(args.weights, args.out, every, **_fid_kwargs(args)):
+            for record in fid_curve(args.weights, args.out, every, val=_val_kwargs(args), **_fid_kwargs(args)):
                 sys.stdout.write(json.dumps(record) + "\n")
             return 0
         from tread_scale.evaluation.fid import fid_of_weights
 
         kwargs = _fid_kwargs(args)
         result = fid_of_weights(args.weights, kwargs.pop("inception"), **kwargs)
+        if args.val_data:
+            from tread_scale.evaluation.val_loss import val_loss_of_weights
+
+            result.update(val_loss_of_weights(args.weights, **_val_kwargs(args)))
         if world()[0] == 0:
             text = json.dumps(result, indent=2)
             sys.stdout.write(text + "\n")

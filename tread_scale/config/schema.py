@@ -348,9 +348,11 @@ class EvaluationConfig:
 
     FID-k: every ``fid_every``, ``fid_num_samples`` EMA samples with fixed seeds against ``reference``
     (ADM-style ``.npz``; ``tread-scale fid --save-ref`` makes one) using local Inception weights
-    ``inception``. Validation loss: every ``val_every``, the loss of ``val_num_samples`` fixed samples
-    with fixed noise at the noise levels ``val_levels`` (σ for EDM, t for rectified flow; default
-    0.1, 0.5, 1, 2 and 0.1, 0.3, 0.5, 0.7, 0.9).
+    ``inception``. Validation loss (:mod:`tread_scale.evaluation.val_loss`): every ``val_every``, the loss
+    of the first ``val_num_samples`` samples of ``val_data`` (a held-out dataset of the same shapes; default:
+    the training data) with fixed noise per sample at the noise levels ``val_levels`` (t for rectified flow,
+    default 8 equidistant (k + 1/2)/8; σ for EDM, default 0.1, 0.5, 1, 2), bitwise the same for any world
+    size.
     """
 
     fid_every: str | None = None
@@ -363,6 +365,8 @@ class EvaluationConfig:
     val_every: str | None = None
     val_num_samples: int = 64
     val_levels: list[float] | None = None
+    val_data: str | None = None
+    val_split: str | None = None
 
 
 @dataclass

@@ -142,7 +142,7 @@ def _plan(run_dir: Path, out: Path, every: int | None, settings: dict[str, Any])
 
 
 def fid_curve(run_dir: str | Path, out: str | Path | None = None, every: int | None = None,
-              **fid_kwargs: Any) -> list[dict[str, Any]]:
+              val: dict[str, Any] | None = None, **fid_kwargs: Any) -> list[dict[str, Any]]:
     """Evaluate the exported EMA weights of a run, one JSON line per checkpoint, skipping those done.
 
     Every rank of the process group (if any) must call this with the same arguments. Each record holds
@@ -154,6 +154,9 @@ def fid_curve(run_dir: str | Path, out: str | Path | None = None, every: int | N
         run_dir: The run folder (``runs/<name>``) with ``ema/ba<N>.safetensors``.
         out: The ``.jsonl`` to append to (default ``<run>/fid_curve.jsonl``).
         every: Evaluate the checkpoints at multiples of this many batches; ``None``: all of them.
+        val: Also the fixed-timestep validation loss of each checkpoint: the keyword arguments of
+            :func:`~tread_scale.evaluation.val_loss.val_loss_of_weights` (``data``, ``num_samples``, ...); its
+            ``val_loss``, ``val_loss_by_level`` and ``val_protocol`` join the record.
         **fid_kwargs: As for :func:`~tread_scale.evaluation.fid.fid_of_weights` (``inception``, a reference,
             ``num``, ``seed``, ``steps``, ``guidance``, ...).
 
@@ -179,13 +182,18 @@ def fid_curve(run_dir: str | Path, out: str | Path | None = None, every: int | N
     for i, (step, path) in enumerate(plan, 1):
         t0 = time.time()
         result = fid_of_weights(str(path), **fid_kwargs)
+        if val:
+            from tread_scale.evaluation.val_loss import val_loss_of_weights
+
+            result.update(val_loss_of_weights(str(path), **val))
         if world()[0] == 0:
             meta = read_meta(path)
             record = {"step": step, "wall_s": meta.train_wall_s, "weights": str(path), **result,
                       "run": run.name, "routing": meta.routing, "settings": settings,
                       "eval_s": round(time.time() - t0, 2)}
             _append(out, record)
-            log.info("FID curve %d/%d: step %d fid %.4g (%s)", i, len(plan), step, result["fid"], out)
+            log.info("FID curve %d/%d: step %d fid %.4g%s (%s)", i, len(plan), step, result["fid"],
+                     f" val_loss {result['val_loss']:.6g}" if val else "", out)
             added.append(record)
     return added
 

@@ -11,7 +11,6 @@ beside the grid) and their :class:`~tread_scale.models.conditioning.TextConditio
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -146,36 +145,11 @@ def dataset_prompts(remote: str, n: int, split: str | None = None) -> PromptSet:
     Raises:
         DatasetError: If the dataset is missing, has no captions or cannot be read.
     """
-    from streaming.base.compression import decompress
-    from streaming.base.format import reader_from_json
-
     from tread_scale.data.captions import decode_captions
-    from tread_scale.data.object_store import join_uri, read_bytes
+    from tread_scale.data.direct import read_first_samples
 
-    root = join_uri(remote, split) if split else remote
-    raw_index = read_bytes(join_uri(root, "index.json"))
-    if raw_index is None:
-        raise DatasetError(f"{root}: no index.json (not an MDS dataset)")
-    samples: list[dict] = []
-    for obj in json.loads(raw_index)["shards"]:
-        if len(samples) >= n:
-            break
-        reader = reader_from_json(str(root), None, obj)
-        if "caption" not in reader.column_names or "text_emb" not in reader.column_names:
-            raise DatasetError(f"{root}: shard {reader.raw_data.basename} has no caption and text embedding "
-                               "columns (not a captioned dataset: `tread-scale convert captions` writes them)")
-        data = read_bytes(join_uri(root, reader.raw_data.basename))
-        if data is None and reader.zip_data is not None:
-            zipped = read_bytes(join_uri(root, reader.zip_data.basename))
-            data = decompress(reader.compression, zipped) if zipped is not None else None
-        if data is None:
-            raise DatasetError(f"{root}: shard {reader.raw_data.basename} is listed in index.json but missing")
-        count = int(np.frombuffer(data, "<u4", count=1)[0])
-        offsets = np.frombuffer(data, "<u4", count=count + 1, offset=4)
-        for i in range(min(count, n - len(samples))):
-            samples.append(reader.decode_sample(data[int(offsets[i]):int(offsets[i + 1])]))
-    if not samples:
-        raise DatasetError(f"{root}: the dataset holds no samples")
+    samples = read_first_samples(remote, n, split, columns=("caption", "text_emb"),
+                                 hint=" (not a captioned dataset: `tread-scale convert captions` writes them)")
     captions = decode_captions(np.stack([s["caption"] for s in samples]))
     cond = TextCondition(torch.from_numpy(np.stack([s["text_emb"] for s in samples]).astype(np.float32)),
                          torch.from_numpy(np.stack([s["text_mask"] for s in samples]).astype(bool)),

@@ -67,7 +67,7 @@ def build_trainer(cfg: RunConfig):
     loader = build_dataloader(cfg, meta, run.batch)
     model, optimizer = build_model(cfg, run.device, meta)
     algorithms = build_algorithms(cfg)
-    callbacks = build_callbacks(cfg, run, meta, loader.dataset)
+    callbacks = build_callbacks(cfg, run, meta)
     checkpointing = build_checkpointing(cfg, run.rank)
     backend = build_backend(cfg, run)
 

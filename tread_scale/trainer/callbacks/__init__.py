@@ -22,14 +22,13 @@ class RunCallbacks:
     preemption: Any
 
 
-def build_callbacks(cfg, run, meta: LatentMetadata, dataset) -> RunCallbacks:
+def build_callbacks(cfg, run, meta: LatentMetadata) -> RunCallbacks:
     """Step counter, NaN guard, EMA and its export, sample grid, metrics, evaluation, ledger, preemption.
 
     Args:
         cfg: The validated :class:`~tread_scale.config.RunConfig`.
         run: The run's :class:`~tread_scale.trainer.run.RunContext`.
         meta: The dataset's facts.
-        dataset: The training dataset (the validation loss reads held-out batches of it).
     """
     from tread_scale.data import object_store as s3
     from tread_scale.factory import build_net
@@ -63,7 +62,7 @@ def build_callbacks(cfg, run, meta: LatentMetadata, dataset) -> RunCallbacks:
                          peak_flops=cfg.logging.peak_flops)
     guard = NonFiniteLossGuard(cfg.train.nonfinite_loss, cfg.train.max_skipped_batches)
     callbacks = [c for c in (TrainStep(), guard, ema, export, grid, metrics) if c is not None]
-    callbacks += _evaluation_callbacks(cfg, meta, make_net, ema, dataset, decode, run.run_dir)
+    callbacks += _evaluation_callbacks(cfg, meta, make_net, ema, decode, run.run_dir)
     if cfg.logging.sample_ledger:
         from tread_scale.trainer.callbacks.sample_ledger import SampleLedger
 
@@ -102,11 +101,11 @@ def grid_prompts(cfg, meta: LatentMetadata, rank: int):
     return prompts
 
 
-def _evaluation_callbacks(cfg, meta: LatentMetadata, make_net, ema, dataset, decode, run_dir) -> list:
+def _evaluation_callbacks(cfg, meta: LatentMetadata, make_net, ema, decode, run_dir) -> list:
     """In-training FID and validation loss, when ``evaluation.fid_every`` / ``val_every`` are set."""
     from tread_scale.factory import build_objective
     from tread_scale.sampling import SamplerSettings
-    from tread_scale.trainer.callbacks.evaluation import FIDMonitor, ValidationLoss
+    from tread_scale.trainer.callbacks.evaluation import FIDMonitor, ValidationLoss, val_protocol, val_source
 
     ev, out = cfg.evaluation, []
     if ev.fid_every:
@@ -115,7 +114,6 @@ def _evaluation_callbacks(cfg, meta: LatentMetadata, make_net, ema, dataset, dec
         out.append(FIDMonitor(make_net, ema, ev.inception, ev.reference, ev.fid_every, ev.fid_num_samples, sampler,
                               meta.num_classes, decode, run_dir / "eval.jsonl", ev.fid_batch_size))
     if ev.val_every:
-        levels = ev.val_levels or ([0.1, 0.5, 1.0, 2.0] if cfg.objective.kind == "edm" else [0.1, 0.3, 0.5, 0.7, 0.9])
-        out.append(ValidationLoss(dataset, make_net, ema, build_objective(cfg.objective), levels, ev.val_every,
-                                  ev.val_num_samples, run_dir / "eval.jsonl"))
+        out.append(ValidationLoss(val_protocol(cfg), val_source(cfg), make_net, ema,
+                                  build_objective(cfg.objective), ev.val_every, run_dir / "eval.jsonl"))
     return out

@@ -1,4 +1,4 @@
-"""In-training evaluation: FID-k with the EMA weights and fixed seeds, and a fixed-σ validation loss."""
+"""In-training evaluation: FID-k with the EMA weights and fixed seeds, and the fixed-timestep validation loss."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
 
 from tread_scale.errors import ConfigError
+from tread_scale.evaluation.val_loss import ValProtocol, ValSet, load_valset, per_sample_losses, summarize
 from tread_scale.models.dit import DiT
-from tread_scale.rng import mix_seed
 from tread_scale.sampling import SamplerSettings
 from tread_scale.trainer.callbacks.ema import EMA
 from tread_scale.trainer.callbacks.net_copy import NetCopy, weights_to_sample
@@ -123,78 +123,80 @@ class FIDMonitor(Callback):
         return result["fid"]
 
 
-class ValidationLoss(Callback):
-    """Every ``interval``, the loss of fixed samples at a fixed grid of noise levels, with fixed noise.
+def val_source(cfg) -> tuple[str, str | None]:
+    """``(root, split)`` of a run's validation data: ``evaluation.val_data`` if set, else the training data."""
+    ev = cfg.evaluation
+    return (ev.val_data, ev.val_split) if ev.val_data else (cfg.data.remote, cfg.data.split)
 
-    Low-variance by construction: the same latents, labels (or caption embeddings), noise and σ (or t) every
-    time, the EMA weights, no label dropout, no routing. Each rank takes its share of ``num_samples`` dataset
-    samples; the mean is all-reduced. Logged as ``val/loss`` and ``val/loss@<level>``, and to ``<run>/eval.jsonl``.
+
+def val_protocol(cfg) -> ValProtocol:
+    """The validation-loss protocol a run's config asks for (:mod:`tread_scale.evaluation.val_loss`)."""
+    ev, obj = cfg.evaluation, cfg.objective
+    return ValProtocol.of(*val_source(cfg), ev.val_num_samples, ev.val_levels, obj.kind, obj.sigma_data)
+
+
+class ValidationLoss(Callback):
+    """Every ``interval``, the fixed-timestep validation loss of the EMA weights (raw weights without EMA).
+
+    The protocol is :mod:`tread_scale.evaluation.val_loss`: the first samples of the validation data, fixed
+    noise per sample, fixed noise levels, no routing, no condition dropout; bitwise the same for any world
+    size. Logged as ``val/loss`` and ``val/loss@<level>``, and to ``<run>/eval.jsonl`` with the protocol.
 
     Args:
-        dataset: The training dataset (indexable).
-        make_net: Builds an unwrapped DiT.
+        protocol: What to measure (:func:`val_protocol`).
+        source: ``(root, split)`` of the validation data (:func:`val_source`).
+        make_net: Builds an unwrapped network.
         ema: EMA callback (raw weights if ``None``).
         objective: The training objective (its ``loss_at``).
-        levels: σ values (EDM) or t values (rectified flow).
         interval: e.g. ``1000ba``.
-        num_samples: Fixed samples (spread over ranks).
         eval_file: ``eval.jsonl`` path.
     """
 
-    def __init__(self, dataset, make_net: Callable[[], DiT], ema: EMA | None, objective, levels: list[float],
-                 interval: str, num_samples: int, eval_file: str | Path) -> None:
-        self.dataset = dataset
+    def __init__(self, protocol: ValProtocol, source: tuple[str, str | None], make_net: Callable[[], torch.nn.Module],
+                 ema: EMA | None, objective, interval: str, eval_file: str | Path) -> None:
+        self.protocol = protocol
+        self.source = source
         self.net = NetCopy(make_net)
         self.ema = ema
         self.objective = objective
-        self.levels = [float(v) for v in levels]
+        self.levels = list(protocol.levels)
         self._due = create_interval_scheduler(interval, include_end_of_training=True, checkpoint_events=False,
                                               final_events={Event.BATCH_END})
-        self.num_samples = num_samples
         self.eval_file = Path(eval_file)
-        self._batch = None
+        self._valset: ValSet | None = None
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.FIT_START and self._valset is None:
+            self._load(state)  # at start: a bad validation dataset fails the run before any training
         if event == Event.BATCH_END and self._due(state, event):
             self.evaluate(state, logger)
 
-    def _fixed_batch(self, device: torch.device):
-        if self._batch is None:
-            rank, world_size = dist.get_global_rank(), dist.get_world_size()
-            n = min(self.num_samples, len(self.dataset))
-            idx = list(range(rank, n, world_size))
-            items = [self.dataset[i] for i in idx]
-            x = torch.stack([it["latent"].float() for it in items])
-            if "text_emb" in items[0]:  # a text-conditioned model: each sample's own caption embedding
-                from tread_scale.models.conditioning import BATCH_KEYS, TextCondition
-
-                y = TextCondition.from_batch({k: torch.stack([it[k] for it in items]) for k in BATCH_KEYS})
-                y = y.to(None, torch.float32)
-            else:
-                y = torch.stack([it["label"] for it in items])
-            noise = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(mix_seed(0xE7A1, i)))
-                                 for i in idx])
-            self._batch = (x, y, noise)
-        return tuple(t.to(device) for t in self._batch)
+    def _load(self, state: State) -> ValSet:
+        if self._valset is None:
+            net = self.net.load(state, weights_to_sample(state, self.ema))
+            root, split = self.source
+            self._valset = load_valset(root, self.protocol.num_samples, split,
+                                       latent_shape=(net.in_channels, *net.input_size),
+                                       text=hasattr(net, "set_null_condition"))
+            self.net.park()
+        return self._valset
 
     @torch.no_grad()
     def evaluate(self, state: State, logger: Logger) -> float:
+        valset = self._load(state)
         net = self.net.load(state, weights_to_sample(state, self.ema))
-        device = next(net.parameters()).device
         net.eval()
-        x, y, noise = self._fixed_batch(device)
-        sums = torch.zeros(len(self.levels) + 1, dtype=torch.float64, device=device)
-        for k, level in enumerate(self.levels):
-            lv = torch.full((x.shape[0],), level, device=device)
-            sums[k] = self.objective.loss_at(net, x, y, lv, noise).double().sum()
-        sums[-1] = x.shape[0]
-        dist.all_reduce(sums, reduce_operation="SUM")
-        per_level = (sums[:-1] / sums[-1]).tolist()
+
+        def reduce(t: torch.Tensor) -> None:
+            dist.all_reduce(t, reduce_operation="SUM")
+
+        table = per_sample_losses(net, self.objective, valset, self.levels, dist.get_global_rank(),
+                                  dist.get_world_size(), reduce)
         self.net.park()
-        mean = float(sum(per_level) / len(per_level))
-        metrics = {"val/loss": mean, **{f"val/loss@{lv:g}": v for lv, v in zip(self.levels, per_level)}}
-        logger.log_metrics(metrics)
+        result = summarize(table, self.levels)
+        logger.log_metrics({"val/loss": result["val_loss"],
+                            **{f"val/loss@{float(k):g}": v for k, v in result["val_loss_by_level"].items()}})
         if dist.get_global_rank() == 0:
-            _append(self.eval_file, {"step": int(state.timestamp.batch), "val_loss": mean,
-                                     "val_loss_by_level": dict(zip(map(str, self.levels), per_level))})
-        return mean
+            _append(self.eval_file, {"step": int(state.timestamp.batch), **result,
+                                     "val_protocol": self.protocol.to_dict()})
+        return result["val_loss"]
