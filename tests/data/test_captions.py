@@ -280,8 +280,8 @@ def test_captioned_demo_to_s3_streams_back_with_text(s3_env, tmp_path):
     assert captions == [demo_caption_image(i, 16)[1] for i in ids]
     encoder = TextEncoder.for_dataset(meta.text, t5=str(tmp_path / "enc" / "t5"), clip=str(tmp_path / "enc" / "clip"))
     encoded = encoder.encode(captions)
-    _assert_text_equals_encoder({k: torch.cat([batch[k] for batch in batches]) for k in encoded if k != "truncated"},
-                                encoded)
+    keys = ("text_emb", "text_mask", "text_pooled")
+    _assert_text_equals_encoder({k: torch.cat([batch[k] for batch in batches]) for k in keys}, encoded)
     assert torch.equal(torch.cat([batch["latent"] for batch in batches]),
                        torch.from_numpy(np.stack([demo_caption_image(i, 16)[0] for i in ids])).half())
     empty = read_empty_prompt(uri)
@@ -364,3 +364,45 @@ def test_cli_convert_captions(tmp_path, encoders):
                  encoders["t5"], "--max-length", "8", "--out", str(out), "--no-progress", "--shard-size", "8kb"]) == 0
     assert read_metadata(str(out)).text.shape == (8, 32, 32)
     assert main(["convert", "captions", str(tmp_path / "img"), "--vae", "none", "--out", str(tmp_path / "x")]) != 0
+
+
+def test_convert_captions_reports_the_longest_caption_and_unknown_words(tmp_path, encoders, caplog):
+    """Issue 22.9: the summary names the longest caption's tokens per encoder (also in the metadata), and words
+    the tokenizers do not know (silently ``<unk>`` before) are named in one warning."""
+    from tread_scale.cli import main
+
+    files, _ = _images(tmp_path / "img", 4, sidecar=False, size=8)
+    captions = ["a red square", "a zebra square at top left", "a purple circle and a zebra", "a blue circle"]
+    for path, caption in zip(files, captions):
+        path.with_suffix(".txt").write_text(caption + "\n")
+    out = tmp_path / "o"
+    with caplog.at_level(logging.INFO):
+        assert main(["convert", "captions", str(tmp_path / "img"), "--vae", "none", "--resolution", "8",
+                     "--t5", encoders["t5"], "--clip", encoders["clip"], "--max-length", "8", "--batch-size", "2",
+                     "--out", str(out), "--no-progress"]) == 0
+    longest = max(len(c.split()) for c in captions)  # T5 adds </s>, CLIP <|startoftext|> and <|endoftext|>
+    assert read_metadata(str(out)).text.longest_tokens == {"t5": longest + 1, "clip": longest + 2}
+    assert f"longest caption: {longest + 2} tokens (clip), {longest + 1} tokens (t5) (--max-length 8)" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
+    assert warnings == ["caption words the encoder 'clip' does not know (encoded as <unk>): 'zebra', 'purple'; "
+                        "caption words the encoder 't5' does not know (encoded as <unk>): 'zebra', 'purple'"]
+
+
+def test_unknown_words_of_prompts_are_named_once_per_call(encoders, caplog):
+    from tread_scale.data.text_encoder import UNKNOWN_WORDS_SHOWN
+
+    encoder = TextEncoder.from_folders(t5=encoders["t5"], max_length=8)
+    with caplog.at_level(logging.WARNING):
+        encoded = encoder.encode(["a zebra square", "a purple Zebra", "a red square"], batch_size=1)
+    assert encoded["unknown"] == [{"t5": ["zebra"]}, {"t5": ["purple", "Zebra"]}, {}]
+    assert encoded["tokens"] == [{"t5": 4}, {"t5": 4}, {"t5": 4}]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "prompt words the encoder 't5' does not know (encoded as <unk>): 'zebra', 'purple', 'Zebra'"]
+    caplog.clear()
+    many = [f"w{i}" for i in range(UNKNOWN_WORDS_SHOWN + 3)]
+    with caplog.at_level(logging.WARNING):
+        encoder.encode([" ".join(many)])
+        encoder.encode(["a red square"], warn_unknown="prompt")
+    shown = ", ".join(repr(w) for w in many[:UNKNOWN_WORDS_SHOWN])
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"prompt words the encoder 't5' does not know (encoded as <unk>): {shown} and 3 more"]

@@ -163,4 +163,7 @@ def run(args: argparse.Namespace) -> int:
                  "%d caption string(s) cut to %d bytes", t.seq_len, t.emb_dim, t.pooled_dim,
                  ", ".join(f"{e['kind']}={e['name']}" for e in t.encoders) or "none recorded", t.truncated,
                  t.max_length, t.clipped, t.caption_bytes)
+        if t.longest_tokens:
+            log.info("longest caption: %s (--max-length %d)", ", ".join(
+                f"{n} tokens ({kind})" for kind, n in sorted(t.longest_tokens.items())), t.max_length)
     return 0

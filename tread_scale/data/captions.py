@@ -158,16 +158,28 @@ def text_plan(folders: dict[str, str | None], max_length: int, captions: Sequenc
                         caption_bytes=caption_width(captions, max_caption_bytes), layout=lay.style)
 
 
-def _encoded_rows(encoded: dict, captions: Sequence[str], wheres: Sequence[str]) -> list[dict]:
+def encode_captions(encoder, captions: Sequence[str], wheres: Sequence[str]) -> list[dict]:
+    """The text of each caption as a sample's ``text``: its arrays, and what the conversion's summary counts.
+
+    Besides the arrays and ``caption``: ``truncated``, ``tokens`` (encoder kind → token count before
+    truncation) and ``unknown`` (encoder kind → a record of :func:`~tread_scale.data.text_encoder.
+    merge_unknown_words`; reported once for the whole conversion, not per batch).
+    """
+    from tread_scale.data.text_encoder import merge_unknown_words
+
+    encoded = encoder.encode(captions, warn_unknown=None)
     emb, mask, pooled = (encoded[k].numpy() for k in ("text_emb", "text_mask", "text_pooled"))
+    unk = encoder.unk_tokens
     return [{"text_emb": emb[j], "text_mask": mask[j], "text_pooled": pooled[j], "caption": captions[j],
-             "truncated": bool(encoded["truncated"][j]), "where": wheres[j]} for j in range(len(captions))]
+             "truncated": bool(encoded["truncated"][j]), "tokens": encoded["tokens"][j],
+             "unknown": merge_unknown_words({}, encoded["unknown"][j], unk), "where": wheres[j]}
+            for j in range(len(captions))]
 
 
 def _empty_prompt_of(encoder) -> dict[str, np.ndarray]:
     from tread_scale.data.text_encoder import empty_prompt_arrays
 
-    return empty_prompt_arrays(encoder.encode([""]))
+    return empty_prompt_arrays(encoder.encode([""], warn_unknown=None))
 
 
 # --------------------------------------------------------------------------- images + captions
@@ -329,7 +341,7 @@ class CaptionFolderSource(Source):
         for chunk, latents, readable in encode_image_chunks(list(owned), len(plan.items), self.batch_size,
                                                             lambda i: Path(plan.items[i][0]), self.resolution, images):
             captions = [plan.items[i][1] for i in chunk]
-            rows = _encoded_rows(text.encode(captions), captions, [plan.items[i][0] for i in chunk])
+            rows = encode_captions(text, captions, [plan.items[i][0] for i in chunk])
             for i, latent, ok, row in zip(chunk, latents, readable, rows):
                 if ok and i in owned:
                     check_sample(latent, 0, plan, row["where"])
@@ -395,7 +407,7 @@ class CaptionDemoSource(Source):
         owned = dict(items)
         for chunk in aligned_chunks(list(owned), len(plan.items), self.batch_size):
             captions = [plan.items[i] for i in chunk]
-            rows = _encoded_rows(text.encode(captions), captions, [f"demo sample {i}" for i in chunk])
+            rows = encode_captions(text, captions, [f"demo sample {i}" for i in chunk])
             for i, row in zip(chunk, rows):
                 if i in owned:
                     image, caption = demo_caption_image(i, self.resolution, self.seed)

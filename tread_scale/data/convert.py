@@ -98,8 +98,11 @@ def _write_group(source: Source, plan: Plan, pairs: list, group_dir: str, fp: st
     dtype = np.dtype(opts.dtype)
     count, pending, truncated, clipped = 0, 0, 0, 0
     label_counts: dict[int, int] = {}
+    longest: dict[str, int] = {}
+    unknown: dict[str, dict] = {}
     if plan.text is not None:
         from tread_scale.data.captions import text_row
+        from tread_scale.data.text_encoder import merge_unknown_words
     compression = None if opts.compression in ("none", "") else opts.compression
     with MDSWriter(out=str(gdir), columns=columns_for(plan, opts.dtype), compression=compression,
                    size_limit=opts.shard_size, hashes=["xxh64"], progress_bar=False) as writer:
@@ -111,6 +114,9 @@ def _write_group(source: Source, plan: Plan, pairs: list, group_dir: str, fp: st
                 row.update(text)
                 truncated += bool(sample.text.get("truncated"))
                 clipped += cut
+                for kind, n in sample.text.get("tokens", {}).items():
+                    longest[kind] = max(longest.get(kind, 0), int(n))
+                merge_unknown_words(unknown, sample.text.get("unknown") or {}, {})
             writer.write(row)
             count += 1
             pending += 1
@@ -127,7 +133,7 @@ def _write_group(source: Source, plan: Plan, pairs: list, group_dir: str, fp: st
               "range": _range_of(pairs)}
     if plan.text is not None:
         np.savez(gdir / GROUP_EMPTY_PROMPT, **source.empty_prompt(plan))
-        result.update(truncated=truncated, clipped=clipped)
+        result.update(truncated=truncated, clipped=clipped, longest_tokens=longest, unknown_words=unknown)
     (gdir / GROUP_DONE).write_text(json.dumps(result))
     return result
 
@@ -142,6 +148,7 @@ def _finish_text(staging: Path, first_group: str, plan: Plan, results: list[dict
     from dataclasses import replace
 
     from tread_scale.data.metadata import empty_prompt_digest
+    from tread_scale.data.text_encoder import merge_unknown_words, warn_unknown_words
 
     with np.load(staging / first_group / GROUP_EMPTY_PROMPT) as z:
         arrays = {k: z[k] for k in ("text_emb", "text_mask", "text_pooled")}
@@ -150,13 +157,21 @@ def _finish_text(staging: Path, first_group: str, plan: Plan, results: list[dict
     tmp.replace(staging / EMPTY_PROMPT_FILE)
     truncated = sum(r.get("truncated", 0) for r in results)
     clipped = sum(r.get("clipped", 0) for r in results)
+    longest: dict[str, int] = {}
+    unknown: dict[str, dict] = {}
+    for r in results:
+        for kind, n in r.get("longest_tokens", {}).items():
+            longest[kind] = max(longest.get(kind, 0), int(n))
+        merge_unknown_words(unknown, r.get("unknown_words", {}), {})
     if truncated:
         log.warning("%d caption(s) had more tokens than max_length=%d and were truncated", truncated,
                     plan.text.max_length)
     if clipped:
         log.warning("%d caption string(s) were longer than %d bytes and are stored cut (their embeddings are whole)",
                     clipped, plan.text.caption_bytes)
-    return replace(plan.text, empty_prompt_sha256=empty_prompt_digest(arrays), truncated=truncated, clipped=clipped)
+    warn_unknown_words(unknown, "caption")
+    return replace(plan.text, empty_prompt_sha256=empty_prompt_digest(arrays), truncated=truncated, clipped=clipped,
+                   longest_tokens=longest)
 
 
 def merge_group_indexes(root: Path, groups: list[str]) -> int:

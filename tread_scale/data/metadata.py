@@ -41,6 +41,9 @@ class TextMetadata:
         clipped: Captions longer than ``caption_bytes`` (the stored string is cut; embeddings are not).
         layout: How the encoders' outputs combine: ``concat`` or ``sd3`` (SD3's CLIP-L + CLIP-G + T5 layout;
             :mod:`tread_scale.data.text_encoder`).
+        longest_tokens: Encoder kind → the most tokens a caption had before truncation (special tokens
+            included, as ``max_length`` counts them); empty where unknown (precomputed embeddings, datasets
+            converted before it was recorded).
     """
 
     encoders: list[dict]
@@ -56,6 +59,7 @@ class TextMetadata:
     truncated: int = 0
     clipped: int = 0
     layout: str = "concat"
+    longest_tokens: dict[str, int] = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -41,7 +41,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "spiece.model", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
 _MODEL_TYPES = {"t5": ("t5", "mt5", "umt5"), **{k: ("clip_text_model",) for k in CLIP_KINDS}}
 _HASHES: dict[tuple, tuple[str, str]] = {}
+#: Most unknown words a warning names (:func:`warn_unknown_words`).
+UNKNOWN_WORDS_SHOWN = 10
+#: Most distinct unknown words :func:`merge_unknown_words` keeps per encoder (the others are only counted).
+UNKNOWN_WORDS_KEPT = 1000
 
 
 @dataclass(frozen=True)
@@ -335,18 +339,27 @@ class TextEncoder:
 
     @torch.no_grad()
     def encode(self, captions: Sequence[str], batch_size: int | None = None,
-               out_dtype: torch.dtype = torch.float16) -> dict[str, Any]:
+               out_dtype: torch.dtype = torch.float16, warn_unknown: str | None = "prompt") -> dict[str, Any]:
         """Encode captions.
+
+        Words an encoder's tokenizer does not know become its unknown token (``<unk>``), which carries no
+        meaning: one warning per call names them (:func:`warn_unknown_words`), unless ``warn_unknown`` is
+        ``None`` (the caller then reports ``unknown`` itself, e.g. once for a whole conversion).
 
         Args:
             captions: The texts.
             batch_size: Captions per forward (all at once when ``None``).
             out_dtype: Dtype of the returned embeddings (float16: what datasets store).
+            warn_unknown: What the texts are called in the warning about unknown words (``prompt``,
+                ``caption``), or ``None`` for no warning.
 
         Returns:
             ``text_emb`` ``(B, seq_len, emb_dim)``, ``text_mask`` ``(B, seq_len)`` bool, ``text_pooled``
-            ``(B, pooled_dim)`` (tensors on the CPU), and ``truncated``: per caption, whether it had more
-            tokens than an encoder's ``length`` (it was cut).
+            ``(B, pooled_dim)`` (tensors on the CPU); per caption: ``truncated``, whether it had more tokens
+            than an encoder's ``length`` (it was cut), ``tokens``, encoder kind → its token count before
+            truncation (special tokens included, as ``length`` counts them), and ``unknown``, encoder kind →
+            the words it encoded as its unknown token (``None`` for one its tokenizer cannot map back to a
+            word; kinds without unknown words left out).
         """
         captions = [str(c) for c in captions]
         step = batch_size or max(len(captions), 1)
@@ -355,31 +368,54 @@ class TextEncoder:
             lay = self.layout
             return {"text_emb": torch.zeros(0, lay.seq_len, lay.emb_dim, dtype=out_dtype),
                     "text_mask": torch.zeros(0, lay.seq_len, dtype=torch.bool),
-                    "text_pooled": torch.zeros(0, lay.pooled_dim, dtype=out_dtype), "truncated": []}
-        return {"text_emb": torch.cat([p["text_emb"] for p in parts]),
-                "text_mask": torch.cat([p["text_mask"] for p in parts]),
-                "text_pooled": torch.cat([p["text_pooled"] for p in parts]),
-                "truncated": [t for p in parts for t in p["truncated"]]}
+                    "text_pooled": torch.zeros(0, lay.pooled_dim, dtype=out_dtype), "truncated": [], "tokens": [],
+                    "unknown": []}
+        out = {"text_emb": torch.cat([p["text_emb"] for p in parts]),
+               "text_mask": torch.cat([p["text_mask"] for p in parts]),
+               "text_pooled": torch.cat([p["text_pooled"] for p in parts]),
+               **{k: [x for p in parts for x in p[k]] for k in ("truncated", "tokens", "unknown")}}
+        if warn_unknown is not None:
+            unknown: dict[str, dict] = {}
+            for row in out["unknown"]:
+                merge_unknown_words(unknown, row, self.unk_tokens)
+            warn_unknown_words(unknown, warn_unknown)
+        return out
 
-    def _tokens(self, tok, captions: list[str], length: int, truncated: list[bool]
-                ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
-        """Token ids and attention mask padded to ``length`` (on the device), and ``truncated`` updated with the
-        captions this tokenizer had to cut."""
+    @property
+    def unk_tokens(self) -> dict[str, str]:
+        """Encoder kind → its tokenizer's unknown token (e.g. ``<unk>``)."""
+        return {info.kind: str(tok.unk_token) for info, tok in zip(self.layout.encoders, self.tokenizers)}
+
+    def _tokens(self, info: EncoderInfo, tok, captions: list[str], length: int, facts: dict[str, list]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask padded to ``length`` (on the device); ``facts`` updated with the
+        captions this tokenizer had to cut (``truncated``), their token counts (``tokens``) and the words it
+        does not know (``unknown``)."""
+        fast = bool(getattr(tok, "is_fast", False))
         full = tok(captions, add_special_tokens=True, truncation=False, return_attention_mask=False,
-                   verbose=False)["input_ids"]
-        truncated = [t or len(ids) > length for t, ids in zip(truncated, full)]
+                   return_special_tokens_mask=True, return_offsets_mapping=fast, verbose=False)
+        for j, ids in enumerate(full["input_ids"]):
+            facts["truncated"][j] = facts["truncated"][j] or len(ids) > length
+            facts["tokens"][j][info.kind] = len(ids)
+            words = _unknown_words(tok, full, j, captions[j], fast)
+            if words:
+                facts["unknown"][j][info.kind] = words
         batch = tok(captions, padding="max_length", truncation=True, max_length=length, return_tensors="pt",
                     return_token_type_ids=False)
-        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device), truncated
+        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+    @staticmethod
+    def _facts(n: int) -> dict[str, list]:
+        return {"truncated": [False] * n, "tokens": [{} for _ in range(n)], "unknown": [{} for _ in range(n)]}
 
     def _encode(self, captions: list[str], out_dtype: torch.dtype) -> dict[str, Any]:
         if self.layout.style == "sd3":
             return self._encode_sd3(captions, out_dtype)
         lay = self.layout
         embs, masks, pooled = [], [], None
-        truncated = [False] * len(captions)
+        facts = self._facts(len(captions))
         for info, length, tok, model in zip(lay.encoders, lay.lengths, self.tokenizers, self.models):
-            ids, mask, truncated = self._tokens(tok, captions, length, truncated)
+            ids, mask = self._tokens(info, tok, captions, length, facts)
             penultimate = info.kind == "clip" and lay.clip_layer != -1
             out = model(input_ids=ids, attention_mask=mask, output_hidden_states=penultimate)
             # -1 is the last hidden state *after* CLIP's final layer norm (what older datasets hold)
@@ -394,15 +430,15 @@ class TextEncoder:
             masks.append(mask.bool())
         return {"text_emb": torch.cat(embs, dim=1).to(out_dtype).cpu(),
                 "text_mask": torch.cat(masks, dim=1).cpu(),
-                "text_pooled": pooled.to(out_dtype).cpu(), "truncated": truncated}
+                "text_pooled": pooled.to(out_dtype).cpu(), **facts}
 
     def _encode_sd3(self, captions: list[str], out_dtype: torch.dtype) -> dict[str, Any]:
         """SD3's layout, as ``StableDiffusion3Pipeline.encode_prompt`` computes it (module docstring)."""
         lay = self.layout
-        truncated = [False] * len(captions)
+        facts = self._facts(len(captions))
         clip_tokens, clip_pooled, clip_mask, t5 = [], [], None, None
         for info, length, tok, model in zip(lay.encoders, lay.lengths, self.tokenizers, self.models):
-            ids, mask, truncated = self._tokens(tok, captions, length, truncated)
+            ids, mask = self._tokens(info, tok, captions, length, facts)
             mask = mask.bool()
             if info.kind == "t5":
                 t5 = (model(input_ids=ids).last_hidden_state.float(), mask)
@@ -417,7 +453,101 @@ class TextEncoder:
         t5_emb = torch.nn.functional.pad(t5[0], (0, lay.emb_dim - t5[0].shape[-1]))
         return {"text_emb": torch.cat([clip, t5_emb], dim=1).to(out_dtype).cpu(),
                 "text_mask": torch.cat([clip_mask, t5[1]], dim=1).cpu(),
-                "text_pooled": torch.cat(clip_pooled, dim=-1).to(out_dtype).cpu(), "truncated": truncated}
+                "text_pooled": torch.cat(clip_pooled, dim=-1).to(out_dtype).cpu(), **facts}
+
+
+def _unknown_words(tok, full, j: int, caption: str, fast: bool) -> list[str | None]:
+    """The words of caption ``j`` of the tokenization ``full`` that became the unknown token, in order, each once.
+
+    A word is mapped back through the fast tokenizer's word ids (the whole word as written), else its token's
+    character offsets; ``None`` stands for an unknown token that cannot be mapped (a slow tokenizer). Special
+    tokens added by the tokenizer are skipped (CLIP's unknown token is also its end-of-text token).
+    """
+    unk = tok.unk_token_id
+    if unk is None:
+        return []
+    ids, special = full["input_ids"][j], full["special_tokens_mask"][j]
+    positions = [p for p, (t, sp) in enumerate(zip(ids, special)) if t == unk and not sp]
+    if not positions:
+        return []
+    if not fast:
+        return [None] * len(positions)
+    word_ids = full.word_ids(j)
+    words: list[str | None] = []
+    for p in positions:
+        span = None
+        if word_ids[p] is not None:
+            span = full.word_to_chars(j, word_ids[p])
+            span = (span.start, span.end) if span is not None else None
+        if span is None:
+            span = tuple(full["offset_mapping"][j][p])
+        word = caption[span[0]:span[1]] if span[1] > span[0] else None
+        if word is None or word not in words:
+            words.append(word)
+    return words
+
+
+def merge_unknown_words(into: dict[str, dict], unknown: Mapping[str, Any], unk_tokens: Mapping[str, str]
+                        ) -> dict[str, dict]:
+    """Add the unknown words of one caption (or a merged record) to ``into``, a JSON-able record per encoder.
+
+    Args:
+        into: Encoder kind → ``{"unk": token, "words": {word: occurrences}, "unnamed": n, "more": n}``, where
+            ``unnamed`` counts unknown tokens that could not be mapped to a word, and ``more`` the distinct
+            words beyond :data:`UNKNOWN_WORDS_KEPT` that were only counted. Updated in place.
+        unknown: Encoder kind → a list of words (``None`` = unnamed), as :meth:`TextEncoder.encode` returns
+            per caption, or another record like ``into``.
+        unk_tokens: Encoder kind → its unknown token (:attr:`TextEncoder.unk_tokens`), for new entries.
+
+    Returns:
+        ``into``.
+    """
+    for kind, got in unknown.items():
+        rec = into.setdefault(kind, {"unk": unk_tokens.get(kind, "<unk>"), "words": {}, "unnamed": 0, "more": 0})
+        if isinstance(got, Mapping):
+            counts = got["words"]
+            rec["unnamed"] += got["unnamed"]
+            rec["more"] += got["more"]
+        else:
+            counts = {}
+            for w in got:
+                if w is None:
+                    rec["unnamed"] += 1
+                else:
+                    counts[w] = counts.get(w, 0) + 1
+        for w, n in counts.items():
+            if w in rec["words"] or len(rec["words"]) < UNKNOWN_WORDS_KEPT:
+                rec["words"][w] = rec["words"].get(w, 0) + n
+            else:
+                rec["more"] += 1
+    return into
+
+
+def warn_unknown_words(unknown: Mapping[str, Mapping[str, Any]], what: str = "prompt") -> None:
+    """One warning naming the words each encoder does not know (up to :data:`UNKNOWN_WORDS_SHOWN` each).
+
+    Args:
+        unknown: Records of :func:`merge_unknown_words`; nothing is logged when empty.
+        what: What the texts are (``prompt``, ``caption``).
+    """
+    parts = []
+    for kind, rec in unknown.items():
+        words = list(rec["words"])
+        if not words and not rec["unnamed"]:
+            continue
+        text = f"{what} words the encoder {kind!r} does not know (encoded as {rec['unk']}): "
+        if words:
+            shown = words[:UNKNOWN_WORDS_SHOWN]
+            text += ", ".join(repr(w) for w in shown)
+            others = len(words) - len(shown) + rec["more"]
+            if others:
+                text += f" and {others} more"
+        if rec["unnamed"]:
+            text += (", and " if words else "") + (f"{rec['unnamed']} {rec['unk']} token(s) its tokenizer cannot map "
+                                                   "back to words")
+        parts.append(text)
+    if parts:
+        log.warning("%s", "; ".join(parts))
 
 
 def recorded_clip_layer(text_meta) -> int:
