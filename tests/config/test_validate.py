@@ -73,3 +73,35 @@ def test_resolution_is_idempotent_and_part_of_validate(tmp_path):
     assert resolved.parallelism.fsdp == FSDPConfig()
     assert resolve_backend_sections(resolved) == resolved
     assert validate(raw).parallelism.fsdp == FSDPConfig()
+
+
+MMDIT = {"name": None, "family": "mmdit", "depth": 2, "hidden_size": 32, "num_heads": 2, "patch_size": 2,
+         "in_channels": 4, "input_size": 8}
+
+
+@pytest.mark.parametrize("model,pos_embed", [
+    (MMDIT, "rope"),
+    ({**MMDIT, "num_classes": 5}, "rope"),  # a DiT base's classes are unused by an MMDiT
+    ({**MMDIT, "pos_embed": "learned"}, "learned"),
+    ({"name": "MMDiT-T/2", "in_channels": 4, "input_size": 8}, "rope"),
+])
+def test_an_mmdit_config_resolves_to_what_the_network_uses(tmp_path, model, pos_embed):
+    """Issue 22.9: an MMDiT's resolved config said num_classes: 1000 and pos_embed: null."""
+    from tread_scale.factory import build_net
+
+    data = tiny_run_cfg("/d", tmp_path, objective={"kind": "rf"}, routing={"routes": []})
+    data["model"] = model
+    cfg = config_from_dict(data)
+    assert cfg.model.num_classes == 0 and cfg.model.pos_embed == pos_embed
+    assert build_net(cfg.model).pos_embed_type == pos_embed
+    assert build_net(from_dict(RunConfig, data).model).pos_embed_type == pos_embed  # what null built before
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg  # the saved config reads back to the same config
+
+
+def test_a_dit_config_is_unchanged_by_resolution(tmp_path):
+    cfg = config_from_dict(tiny_run_cfg("/d", tmp_path))
+    assert cfg.model.num_classes == 5 and cfg.model.pos_embed is None
+    with pytest.raises(ConfigError, match=r"model.num_classes must be >= 1, got 0"):
+        config_from_dict(tiny_run_cfg("/d", tmp_path, model={"num_classes": 0}))

@@ -33,7 +33,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"model.input_size={cfg.model.input_size} is not divisible by the patch size {patch}")
     if size.hidden_size % size.num_heads:
         raise ConfigError(f"model: hidden_size {size.hidden_size} is not divisible by num_heads {size.num_heads}")
-    for key in ("in_channels", "input_size", "num_classes"):
+    for key in ("in_channels", "input_size"):
         if getattr(cfg.model, key) < 1:
             raise ConfigError(f"model.{key} must be >= 1, got {getattr(cfg.model, key)}")
     validate_family(cfg.model, size, cfg.text, cfg.sampling.prompts)
@@ -91,14 +91,20 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 
 def validate_family(model, size, text=None, prompts=None) -> None:
-    """Family-specific keys: the DiT has sincos positions and no text settings; MMDiT widths are positive and
-    its encoder folders exist.
+    """Family-specific keys: the DiT has classes, sincos positions and no text settings; MMDiT widths are
+    positive and its encoder folders exist.
+
+    An MMDiT's section is resolved in place to what the network uses, so the saved config says it:
+    ``num_classes`` 0 (it takes no class labels; whatever was given, the schema's default included, is
+    unused) and ``pos_embed`` ``rope`` when left null (:func:`~tread_scale.factory.build_net`'s default).
 
     Raises:
         ConfigError: Naming the key that does not apply or is out of range.
     """
     family = model.model_family()
     if family == "dit":
+        if model.num_classes < 1:
+            raise ConfigError(f"model.num_classes must be >= 1, got {model.num_classes}")
         if text is not None and any(text.folders().values()):
             raise ConfigError(f"text.{'/'.join(k for k, v in text.folders().items() if v)}: text encoders apply to text-conditioned (MMDiT) models, "
                               f"not to {model.name or 'a DiT'}")
@@ -112,6 +118,9 @@ def validate_family(model, size, text=None, prompts=None) -> None:
             if getattr(model, key) is not None:
                 raise ConfigError(f"model.{key} applies to text-conditioned (MMDiT) models, not to {model.name}")
         return
+    model.num_classes = 0
+    if model.pos_embed is None:
+        model.pos_embed = "rope"
     folders = text.folders() if text is not None else {}
     for kind, folder in folders.items():
         if folder is not None and not Path(folder).is_dir():
