@@ -251,3 +251,46 @@ def test_training_grid_prompts_are_encoded_with_the_checked_encoders(captioned, 
     cfg.text.t5 = other
     with pytest.raises(ConfigError, match="differ from those of 't5'"):
         grid_prompts(cfg, meta, rank=0)
+
+
+# ------------------------------------------------------------------ prompt-set FID and CLIP score (issue 22.1, 22.2)
+
+
+@pytest.mark.slow  # ~70 s: a random Inception on CPU over 16 reference and 7 generated images, twice
+def test_prompt_fid_and_clip_score_of_an_mmdit_run(trained, tmp_path, capsys):
+    from tread_scale.evaluation.clip_score import CLIPScorer, build_tiny_clip
+    from tread_scale.evaluation.inception import FIDInception, save_inception
+
+    run, root = trained
+    torch.manual_seed(0)
+    inception = str(save_inception(FIDInception().eval(), tmp_path / "inception.safetensors"))
+    clip = build_tiny_clip(tmp_path / "clip", vocab=sorted({w for p in PROMPTS for w in p.split()}))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join([*PROMPTS, "a green triangle"]) + "\n")
+    common = ["--inception", inception, "--ref-data", str(root / "data"), "--ref-num", "16", "--steps", "2",
+              "--batch-size", "2", "--device", "cpu", "--cfg-scale", "2"]
+    out = tmp_path / "fid.json"
+    assert main(["fid", str(run), *common, "--prompts", str(prompts), "--clip-score", clip, "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["num_samples"] == 3 and np.isfinite(r["fid"]) and r["fid"] > 0  # one image per prompt by default
+    assert r["comparable_to_published"] is False and "no named published protocol" in r["comparable_reason"]
+    p = r["protocol"]
+    assert p["num_prompts"] == 3 and p["seed"] == 0 and p["resolution"] == [16, 16] and p["reference"] == "pixel-data"
+    assert p["guidance"]["cfg_scale"] == 2.0 and p["sampler"].startswith("edm 2 steps")
+    # the CLIP score is the one of the very images `sample` makes with the same seeds, prompts and batching (CLIP
+    # in other batches: float32 rounding only)
+    assert main(["sample", str(run), "--out", str(tmp_path / "s"), "--prompts", str(prompts), "--num", "3",
+                 "--steps", "2", "--batch-size", "2", "--device", "cpu", "--cfg-scale", "2"]) == 0
+    images = np.load(tmp_path / "s" / "samples.npz")["images"]
+    expected = CLIPScorer(clip).score(images, [*PROMPTS, "a green triangle"])
+    assert r["clip_score"] == pytest.approx(expected, abs=1e-4) and r["clip_model"]["folder"] == clip
+
+    assert main(["fid", str(run), *common, "--prompt-data", str(root / "data"), "--num", "4", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["num_samples"] == 4 and r["protocol"]["prompts"] == f"captions of {root / 'data'} (first 4)"
+    assert "clip_score" not in r
+    capsys.readouterr()
+    for extra, message in ((["--num", "5", "--prompts", str(prompts)], "one image per prompt, and the prompt set"),
+                           ([], "a text-to-image model's FID needs one prompt set")):
+        assert main(["fid", str(run), *common, *extra]) == 2
+        assert message in capsys.readouterr().err

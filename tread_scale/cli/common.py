@@ -44,6 +44,21 @@ def add_overrides(p: argparse.ArgumentParser) -> None:
                    help="key=value, e.g. routing.routes[0].rate=0.5 (before or after the options)")
 
 
+def add_encoder_args(p: argparse.ArgumentParser) -> None:
+    """``--t5``, ``--clip``, ``--clip-l``, ``--clip-g``: local text encoder folders for prompts (default: those
+    recorded with the weights)."""
+    p.add_argument("--t5", metavar="DIR", help="local T5 encoder folder (default: the one recorded with the weights)")
+    p.add_argument("--clip", metavar="DIR",
+                   help="local CLIP encoder folder (default: the one recorded with the weights)")
+    p.add_argument("--clip-l", metavar="DIR", help="local CLIP-L folder, SD3's text layout (default: as recorded)")
+    p.add_argument("--clip-g", metavar="DIR", help="local CLIP-G folder, SD3's text layout (default: as recorded)")
+
+
+def encoders_from_args(args: argparse.Namespace) -> dict[str, str | None]:
+    """The encoder folders given by :func:`add_encoder_args`' flags."""
+    return {"t5": args.t5, "clip": args.clip, "clip_l": args.clip_l, "clip_g": args.clip_g}
+
+
 def add_guidance_args(p: argparse.ArgumentParser) -> None:
     """Sampler steps, CFG / TREAD guidance, VAE, batch size and device (``sample`` and ``fid``)."""
     p.add_argument("--steps", type=int, help="sampler steps (default: 40 for EDM-Heun, 50 for RF-Euler)")

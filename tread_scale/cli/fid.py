@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from tread_scale.cli.common import add_guidance_args, guidance_from_args
+from tread_scale.cli.common import add_encoder_args, add_guidance_args, encoders_from_args, guidance_from_args
 from tread_scale.errors import ConfigError
 
 NAME = "fid"
@@ -30,7 +30,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     ref.add_argument("--ref-images", help="an image folder to compute reference statistics from")
     p.add_argument("--ref-num", type=int, help="use at most this many reference images")
     p.add_argument("--save-ref", help="write the computed reference statistics to this .npz")
-    p.add_argument("--num", type=int, default=50000, help="generated samples (50000 for reporting)")
+    p.add_argument("--num", type=int,
+                   help="generated samples (default 50000, as for reporting; for a text model one per prompt)")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="text-to-image (MMDiT) weights: a text file of prompts, one a line, one image each, encoded "
+                        "with the encoders recorded with the weights (or --t5/--clip/--clip-l/--clip-g)")
+    p.add_argument("--prompt-data", metavar="DATASET",
+                   help="text-to-image weights: a captioned dataset (local or s3://, e.g. a held-out split) whose "
+                        "first --num captions and stored embeddings are the prompts")
+    p.add_argument("--clip-score", metavar="DIR",
+                   help="a local CLIP folder (transformers CLIPModel): also the CLIP score of each image with its "
+                        "prompt, torchmetrics' convention")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--extra", action="store_true",
                    help="also Inception Score, and precision/recall when the reference is data or images")
@@ -46,15 +56,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--val-split", help="split folder of --val-data, if any")
     p.add_argument("--out", help="write the results as JSON here; with --every/--all, the JSON-lines curve "
                                  "(default: <run>/fid_curve.jsonl)")
+    add_encoder_args(p)
     add_guidance_args(p)
     return p
 
 
 def _fid_kwargs(args: argparse.Namespace) -> dict:
+    from tread_scale.sampling import read_prompt_file
+
     return dict(inception=args.inception, ref=args.ref, ref_data=args.ref_data, ref_images=args.ref_images,
                 ref_num=args.ref_num, save_ref=args.save_ref, num=args.num, seed=args.seed, extra=args.extra,
                 steps=args.steps, guidance=guidance_from_args(args), vae=args.vae, batch_size=args.batch_size,
-                device=args.device)
+                device=args.device, prompts=read_prompt_file(args.prompts) if args.prompts else None,
+                prompt_data=args.prompt_data, clip=args.clip_score, encoders=encoders_from_args(args))
 
 
 def _val_kwargs(args: argparse.Namespace) -> dict | None:

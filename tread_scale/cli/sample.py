@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from tread_scale.cli.common import add_guidance_args, guidance_from_args
+from tread_scale.cli.common import add_encoder_args, add_guidance_args, guidance_from_args
 
 NAME = "sample"
 log = logging.getLogger(__name__)
@@ -32,11 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="a prompt (repeatable; sample i uses prompt i mod n); text-to-image (MMDiT) weights")
     p.add_argument("--prompts", metavar="FILE", help="a text file of prompts, one a line (after any --prompt)")
-    p.add_argument("--t5", metavar="DIR", help="local T5 encoder folder (default: the one recorded with the weights)")
-    p.add_argument("--clip", metavar="DIR",
-                   help="local CLIP encoder folder (default: the one recorded with the weights)")
-    p.add_argument("--clip-l", metavar="DIR", help="local CLIP-L folder, SD3's text layout (default: as recorded)")
-    p.add_argument("--clip-g", metavar="DIR", help="local CLIP-G folder, SD3's text layout (default: as recorded)")
+    add_encoder_args(p)
     add_guidance_args(p)
     return p
 

@@ -9,6 +9,7 @@ evaluates only what is new.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 CURVE_FILE = "fid_curve.jsonl"
 _EXPORT = re.compile(r"^ba(\d+)\.safetensors$")
 #: Settings that change the scores: an output file holds the curve of one setting only.
-_CHECKED = ("num", "seed", "steps", "extra", "guidance", "ref_num")
+_CHECKED = ("num", "seed", "steps", "extra", "guidance", "ref_num", "prompts", "prompt_data", "clip")
 
 
 def parse_every(text: str) -> int:
@@ -75,7 +76,10 @@ def select(exported: list[tuple[int, Path]], every: int | None) -> list[tuple[in
 
 def curve_settings(fid_kwargs: dict[str, Any]) -> dict[str, Any]:
     """What a record stores of the evaluation's settings (JSON-normalised; see ``_CHECKED``)."""
-    out = {k: v for k, v in fid_kwargs.items() if k not in ("batch_size", "device", "save_ref")}
+    out = {k: v for k, v in fid_kwargs.items() if k not in ("batch_size", "device", "save_ref", "encoders")}
+    if out.get("prompts") is not None:  # a prompt file may hold 30K prompts: its count and hash, not its text
+        text = "\n".join(out["prompts"]).encode()
+        out["prompts"] = f"{len(out['prompts'])} prompts, sha256 {hashlib.sha256(text).hexdigest()[:16]}"
     guidance = out.get("guidance")
     out["guidance"] = dataclasses.asdict(guidance) if dataclasses.is_dataclass(guidance) else guidance
     return json.loads(json.dumps(out))

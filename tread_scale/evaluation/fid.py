@@ -9,9 +9,11 @@ whether it is comparable to published numbers (:func:`tread_scale.evaluation.ref
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -173,10 +175,18 @@ def dataset_source(root: str) -> str:
 
 def fid_of_weights(weights: str, inception: str, *, ref: str | None = None, ref_data: str | None = None,
                    ref_images: str | None = None, ref_num: int | None = None, save_ref: str | None = None,
-                   num: int = 50000, seed: int = 0, extra: bool = False, steps: int | None = None,
+                   num: int | None = None, seed: int = 0, extra: bool = False, steps: int | None = None,
                    guidance: Guidance | None = None, vae: str | None = None, batch_size: int = 64,
-                   device: str = "auto") -> dict[str, float | int | bool | str]:
+                   device: str = "auto", prompts: list[str] | None = None, prompt_data: str | None = None,
+                   clip: str | None = None, encoders: dict[str, str | None] | None = None
+                   ) -> dict[str, Any]:
     """ADM's metrics of samples of a weight file, across ranks: FID and sFID; with ``extra`` IS and precision/recall.
+
+    A class-conditional DiT samples a label per seed. A text-to-image MMDiT samples a prompt set, one image
+    per prompt: ``prompts`` (strings, encoded with the encoders recorded with the weights or ``encoders``) or
+    ``prompt_data`` (a captioned dataset's captions and stored embeddings, e.g. a held-out split); with
+    ``clip``, the CLIP score of every image with its prompt is reported next to FID. A text result carries
+    its ``protocol`` (prompts, their number, seed, resolution and resize, sampler, guidance, reference).
 
     Every rank of the process group (if any) generates and embeds its share of the samples; statistics are
     all-reduced, so every rank returns the same result, equal to a single-process run's. Exactly one of
@@ -195,7 +205,8 @@ def fid_of_weights(weights: str, inception: str, *, ref: str | None = None, ref_
         ref_images: An image folder to compute reference statistics from.
         ref_num: Use at most this many reference images.
         save_ref: Write computed reference statistics (with their provenance) here (rank 0).
-        num: Generated samples; sample ``i`` uses seed ``seed + i`` and a label drawn from it.
+        num: Generated samples; sample ``i`` uses seed ``seed + i`` and a label drawn from it, or prompt ``i``
+            of the prompt set. Default: 50000, or one per prompt.
         seed: Seed of sample 0.
         extra: Also the Inception Score, and precision/recall when reference images exist (data, an image
             folder, or an ADM reference batch).
@@ -204,10 +215,16 @@ def fid_of_weights(weights: str, inception: str, *, ref: str | None = None, ref_
         vae: Local VAE folder to decode latents (generated and ``ref_data``), or ``None``.
         batch_size: Samples per forward pass (results do not depend on it).
         device: ``auto``, ``cpu``, ``gpu``/``cuda`` or ``cuda:N``.
+        prompts: Prompt strings of a text-to-image model (one image each).
+        prompt_data: A captioned dataset whose first ``num`` captions (all, without ``num``) are the prompts.
+        clip: A local CLIP folder: also the CLIP score (:mod:`tread_scale.evaluation.clip_score`).
+        encoders: Encoder folders (``t5``, ``clip``, ``clip_l``, ``clip_g``) for ``prompts`` other than
+            those recorded with the weights.
 
     Returns:
         ``fid``, ``num_samples``, ``comparable_to_published`` (bool), ``comparable_reason`` (why) and, where
-        computable, ``sfid``, ``inception_score(_std)``, ``precision``, ``recall``.
+        computable, ``sfid``, ``inception_score(_std)``, ``precision``, ``recall``; for a text model
+        ``protocol`` and, with ``clip``, ``clip_score`` and ``clip_model``.
 
     Raises:
         ConfigError: If not exactly one reference is given, or the device is unavailable.
@@ -225,10 +242,13 @@ def fid_of_weights(weights: str, inception: str, *, ref: str | None = None, ref_
     dev = resolve_device(device)
     net_inception = load_inception(inception, dev)
     net, meta = load_net(weights, dev)
-    if meta.data.text is not None:
-        raise ConfigError(f"{weights}: FID here samples class-conditional models (a label per seed); this is a "
-                          "text-conditioned model, whose FID needs a prompt set (e.g. COCO captions), not "
-                          "supported yet")
+    prompt_set, prompt_source = _prompt_set(weights, meta, prompts, prompt_data, num, encoders, dev)
+    if num is None:
+        num = len(prompt_set) if prompt_set is not None else 50000
+    elif prompt_set is not None and num > len(prompt_set):
+        raise ConfigError(f"--num {num}: one image per prompt, and the prompt set ({prompt_source}) holds "
+                          f"{len(prompt_set)}; give at most that many (or leave --num out)")
+    scorer = _clip_scorer(clip, prompt_set, dev)
     decode = make_decoder(vae, meta.data.vae, dev)
     rank, world_size = world()
     real = None
@@ -260,14 +280,88 @@ def fid_of_weights(weights: str, inception: str, *, ref: str | None = None, ref_
             reference.save(save_ref)
     settings = SamplerSettings(meta.objective_kind, steps or default_steps(meta.objective_kind),
                                sigma_data=meta.sigma_data, shift=meta.shift)
-    fakes = (images for _, _, images, _ in generate(
-        net, settings.objective, rank_indices(num, rank, world_size), seed=seed, num_classes=meta.num_classes,
-        steps=settings.steps, guidance=guidance, edm=settings.edm(), device=dev, batch_size=batch_size,
-        decode=decode, shift=settings.shift, num=num))
-    fake = features_of(fakes, net_inception, dev, keep=extra)
-    result = scores(fake, reference, real, device=dev)
+    batches = generate(net, settings.objective, rank_indices(num, rank, world_size), seed=seed,
+                       num_classes=meta.num_classes, steps=settings.steps, guidance=guidance, edm=settings.edm(),
+                       device=dev, batch_size=batch_size, decode=decode, shift=settings.shift, num=num,
+                       prompts=prompt_set)
+    clip_sums = torch.zeros(2, dtype=torch.float64, device=dev)
+
+    def fakes() -> Iterator[np.ndarray]:
+        for _, _, images, ys in batches:
+            if scorer is not None:
+                s = scorer.scores(images, [prompt_set.prompts[y] for y in ys])
+                clip_sums.add_(torch.tensor([float(s.sum()), len(s)], dtype=torch.float64, device=dev))
+            yield images
+
+    fake = features_of(fakes(), net_inception, dev, keep=extra)
+    result: dict[str, Any] = scores(fake, reference, real, device=dev)
     ok, why = comparability(net_inception.standard_weights, reference, result["num_samples"])
+    if prompt_set is not None:
+        ok, why = False, ("text-to-image FID has no named published protocol implemented here (COCO-30K needs its "
+                          f"own captions, images and resize); compare only with results of the same protocol; {why}")
+        result["protocol"] = {"prompts": prompt_source, "num_prompts": len(prompt_set), "num_samples": num,
+                              "seed": seed, "resolution": _pixel_size(net, decode),
+                              "resize": "Inception input: TF1 bilinear to 299 (ADM's pipeline)",
+                              "sampler": f"{settings.objective} {settings.steps} steps (shift {settings.shift:g})",
+                              "guidance": dataclasses.asdict(guidance) if guidance else None,
+                              "reference": reference.source}
+    if scorer is not None:
+        _all_reduce_sum(clip_sums)
+        result["clip_score"] = float(clip_sums[0] / clip_sums[1])
+        result["clip_model"] = scorer.describe()
     result["comparable_to_published"], result["comparable_reason"] = ok, why
     if rank == 0:
         log.info("evaluation %s", why)
     return result
+
+
+def _prompt_set(weights: str, meta, prompts: list[str] | None, prompt_data: str | None, num: int | None,
+                encoders: dict[str, str | None] | None, dev: torch.device):
+    """``(PromptSet, description)`` of a text model's prompts, ``(None, None)`` for a class model.
+
+    Raises:
+        ConfigError: If a text model gets no prompt set or two, or a class model gets one.
+    """
+    from tread_scale.sampling.folder import encode_for_weights
+    from tread_scale.sampling.prompts import dataset_prompts
+
+    text_model = meta.data.text is not None
+    given = (prompts is not None) + (prompt_data is not None)
+    if not text_model:
+        if given:
+            raise ConfigError(f"{weights}: a class-conditional model samples labels; --prompts/--prompt-data are for "
+                              "text-to-image (MMDiT) weights")
+        return None, None
+    if given != 1:
+        raise ConfigError(f"{weights}: a text-to-image model's FID needs one prompt set: --prompts FILE (encoded with "
+                          "the weights' encoders) or --prompt-data DATASET (its captions and stored embeddings)")
+    if prompt_data is not None:
+        ps = dataset_prompts(prompt_data, num if num is not None else 1 << 62)
+        return ps, f"captions of {prompt_data} (first {len(ps)})"
+    if not prompts:
+        raise ConfigError("--prompts: the prompt file holds no prompts")
+    ps = encode_for_weights(meta, Path(weights), prompts, encoders or {}, dev)
+    return ps, f"{len(prompts)} prompts from a file"
+
+
+def _clip_scorer(clip: str | None, prompt_set, dev: torch.device):
+    if clip is None:
+        return None
+    if prompt_set is None:
+        raise ConfigError("--clip: the CLIP score scores images against their prompts; a class-conditional model "
+                          "has none")
+    from tread_scale.evaluation.clip_score import CLIPScorer
+
+    return CLIPScorer(clip, device=dev)
+
+
+def _pixel_size(net, decode) -> list[int]:
+    """Height and width of the generated images (latents × 8 when a VAE decodes them)."""
+    return [side * (8 if decode is not None else 1) for side in net.input_size]
+
+
+def _all_reduce_sum(t: torch.Tensor) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)

@@ -82,7 +82,8 @@ def sample_to_folder(weights: str, out: str, *, num: int | None = None, seed: in
     prompt_set: PromptSet | None = None
     default_labels = labels is None
     if text_model:
-        prompt_set = _encode(meta, path, prompts, {"t5": t5, "clip": clip, "clip_l": clip_l, "clip_g": clip_g}, dev)
+        prompt_set = encode_for_weights(meta, path, prompts,
+                                        {"t5": t5, "clip": clip, "clip_l": clip_l, "clip_g": clip_g}, dev)
         labels = None
     else:
         labels = labels if labels is not None else [i % num_classes for i in range(num)]
@@ -147,8 +148,10 @@ def _check_conditioning(meta: WeightsMeta, path: Path, labels: list[int] | None,
     return text_model
 
 
-def _encode(meta: WeightsMeta, path: Path, prompts: list[str], given: dict[str, str | None], dev) -> PromptSet:
-    """The prompts encoded with the given encoder folders, or those recorded with the weights."""
+def encode_for_weights(meta: WeightsMeta, path: Path, prompts: list[str], given: dict[str, str | None],
+                       dev) -> PromptSet:
+    """The prompts encoded with the given encoder folders, or those recorded with the weights (checked
+    against the encoders the weights' training data was converted with)."""
     text_meta = meta.data.text_metadata()
     if text_meta is None:
         raise ConfigError(f"{path}: the weights record no text facts of their training data (encoders, hashes), so "
