@@ -138,10 +138,26 @@ def trained(captioned, tmp_path_factory):
     cfg["model"] = MMDIT
     cfg["text"] = {"t5": str(root / "enc" / "t5")}
     cfg["sampling"] = {"every": "2ba", "num_images": 4, "steps": 2, "cfg_scale": 2.0}
-    cfg["evaluation"] = {"val_every": "2ba", "val_num_samples": 8}
+    cfg["evaluation"] = {"val_every": "2ba", "val_num_samples": 8, **_fid_files(out)}
     (out / "mm.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(out / "mm.yaml")]) == 0
     return out / "mm", root
+
+
+def _fid_files(out) -> dict:
+    """In-training FID-4 with a CLIP score at batch 4: a random Inception, random reference statistics and a
+    tiny random CLIP, saved under ``out``."""
+    from tread_scale.evaluation.clip_score import build_tiny_clip
+    from tread_scale.evaluation.inception import FIDInception, save_inception
+    from tread_scale.evaluation.metrics import ReferenceStats
+
+    torch.manual_seed(0)
+    inception = str(save_inception(FIDInception().eval(), out / "inception.safetensors"))
+    feats = np.random.default_rng(0).standard_normal((64, 2048))
+    ReferenceStats(feats.mean(0), np.cov(feats, rowvar=False)).save(out / "ref.npz")
+    clip = build_tiny_clip(out / "clip", vocab=sorted({w for p in PROMPTS for w in p.split()}))
+    return {"fid_every": "4ba", "fid_num_samples": 4, "fid_steps": 2, "fid_batch_size": 2, "fid_cfg_scale": 1.5,
+            "inception": inception, "reference": str(out / "ref.npz"), "clip": clip}
 
 
 def test_weights_record_the_text_facts_and_encoder_folders(trained, captioned):
@@ -161,7 +177,7 @@ def test_training_grids_show_the_datasets_first_captions(trained):
     assert rows == [f"row {i + 1} (1 image): {demo_caption(i)}" for i in range(4)]
     first = dataset_prompts(str(root / "data"), 4)
     assert first.prompts == [demo_caption(i) for i in range(4)] and first.condition.emb.shape[0] == 4
-    val = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    val = [r for r in map(json.loads, (run / "eval.jsonl").read_text().splitlines()) if "val_loss" in r]
     assert [r["step"] for r in val] == [2, 4] and all(np.isfinite(r["val_loss"]) for r in val)
 
 
@@ -228,14 +244,18 @@ def test_labels_for_an_mmdit_and_prompts_for_a_dit_are_clear_errors(trained, tmp
 # ------------------------------------------------------------------ config checks
 
 
-def test_prompts_without_encoders_and_fid_for_an_mmdit_are_rejected_at_validation(tmp_path):
+def test_prompts_without_encoders_and_a_clip_score_without_fid_are_rejected_at_validation(tmp_path):
     base = tiny_run_cfg("/d", tmp_path, model=MMDIT)
     with pytest.raises(ConfigError, match="sampling.prompts needs the text encoders"):
         config_from_dict({**base, "sampling": {"prompts": ["a red circle"]}})
     ref = tmp_path / "f.npz"
     ref.write_bytes(b"")
-    with pytest.raises(ConfigError, match="in-training FID is DiT-only"):
-        config_from_dict({**base, "evaluation": {"fid_every": "2ba", "inception": str(ref), "reference": str(ref)}})
+    fid = {"fid_every": "2ba", "inception": str(ref), "reference": str(ref)}
+    with pytest.raises(ConfigError, match="evaluation.clip: 'nope' is not a folder"):
+        config_from_dict({**base, "evaluation": {**fid, "clip": "nope"}})
+    with pytest.raises(ConfigError, match="evaluation.clip: the CLIP score .* needs model.family: mmdit"):
+        config_from_dict(tiny_run_cfg("/d", tmp_path, evaluation={**fid, "clip": str(tmp_path)}))
+    config_from_dict({**base, "evaluation": fid})  # in-training FID of an MMDiT: its validation captions
 
 
 def test_training_grid_prompts_are_encoded_with_the_checked_encoders(captioned, tmp_path):
@@ -294,3 +314,20 @@ def test_prompt_fid_and_clip_score_of_an_mmdit_run(trained, tmp_path, capsys):
                            ([], "a text-to-image model's FID needs one prompt set")):
         assert main(["fid", str(run), *common, *extra]) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~30 s: the same FID-4 and CLIP score again, through the CLI
+def test_in_training_fid_and_clip_score_of_an_mmdit_equal_the_cli_on_its_weights(trained, tmp_path):
+    run, root = trained
+    (rec,) = [r for r in (json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()) if "fid" in r]
+    assert rec["step"] == 4 and rec["num_samples"] == 4 and rec["prompts"] == f"captions of {root / 'data'} (first 4)"
+    assert rec["comparable_to_published"] is False and "no published protocol" in rec["comparable_reason"]
+    assert 0 <= rec["clip_score"] <= 100 and rec["clip_model"]["folder"] == str(run.parent / "clip")
+    out, files = tmp_path / "fid.json", run.parent
+    assert main(["fid", str(run / "ema" / "ba00000004.safetensors"), "--inception", str(files / "inception.safetensors"),
+                 "--ref", str(files / "ref.npz"), "--prompt-data", str(root / "data"), "--num", "4", "--steps", "2",
+                 "--batch-size", "2", "--cfg-scale", "1.5", "--clip-score", str(files / "clip"), "--device", "cpu",
+                 "--out", str(out)]) == 0
+    cli = json.loads(out.read_text())
+    assert cli["fid"] == pytest.approx(rec["fid"], rel=1e-6)
+    assert cli["clip_score"] == pytest.approx(rec["clip_score"], abs=1e-6)

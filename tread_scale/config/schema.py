@@ -348,7 +348,9 @@ class EvaluationConfig:
 
     FID-k: every ``fid_every``, ``fid_num_samples`` EMA samples with fixed seeds against ``reference``
     (ADM-style ``.npz``; ``tread-scale fid --save-ref`` makes one) using local Inception weights
-    ``inception``. Validation loss (:mod:`tread_scale.evaluation.val_loss`): every ``val_every``, the loss
+    ``inception``; a text-to-image MMDiT generates one image per caption of the validation data's first
+    ``fid_num_samples`` samples (``val_data`` or the training data), and with ``clip`` (a local CLIP folder)
+    its CLIP score is logged next to FID. Validation loss (:mod:`tread_scale.evaluation.val_loss`): every ``val_every``, the loss
     of the first ``val_num_samples`` samples of ``val_data`` (a held-out dataset of the same shapes; default:
     the training data) with fixed noise per sample at the noise levels ``val_levels`` (t for rectified flow,
     default 8 equidistant (k + 1/2)/8; σ for EDM, default 0.1, 0.5, 1, 2), bitwise the same for any world
@@ -362,6 +364,7 @@ class EvaluationConfig:
     fid_batch_size: int = 32
     inception: str | None = None
     reference: str | None = None
+    clip: str | None = None
     val_every: str | None = None
     val_num_samples: int = 64
     val_levels: list[float] | None = None

@@ -74,10 +74,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("train.nonfinite_loss=skip is not supported with parallelism.backend=deepspeed "
                           "(the engine owns the optimizer step); use stop")
     ev = cfg.evaluation
-    if ev.fid_every is not None and cfg.model.model_family() == "mmdit":
-        raise ConfigError("evaluation.fid_every: in-training FID is DiT-only for now (a text-to-image model needs a "
-                          "prompt set to sample, which it does not take yet); unset it. evaluation.val_every "
-                          "(validation loss on the dataset's own captions) works for MMDiT")
+    if ev.clip is not None:
+        if cfg.model.model_family() != "mmdit" or ev.fid_every is None:
+            raise ConfigError("evaluation.clip: the CLIP score scores a text-to-image model's in-training FID samples "
+                              "against their captions; it needs model.family: mmdit and evaluation.fid_every")
+        if not Path(ev.clip).is_dir():
+            raise ConfigError(f"evaluation.clip: {ev.clip!r} is not a folder (a local transformers CLIPModel)")
     if ev.fid_every is not None:
         for key in ("inception", "reference"):
             value = getattr(ev, key)

@@ -111,8 +111,16 @@ def _evaluation_callbacks(cfg, meta: LatentMetadata, make_net, ema, decode, run_
     if ev.fid_every:
         sampler = SamplerSettings(cfg.objective.kind, ev.fid_steps, ev.fid_cfg_scale, cfg.objective.sigma_data,
                                   cfg.objective.shift)
+        prompts, source = None, None
+        if cfg.model.model_family() == "mmdit":  # one image per caption of the validation data's first samples
+            from tread_scale.sampling import dataset_prompts
+
+            root, split = val_source(cfg)
+            prompts = dataset_prompts(root, ev.fid_num_samples, split)
+            source = f"captions of {root}{'/' + split if split else ''} (first {len(prompts)})"
         out.append(FIDMonitor(make_net, ema, ev.inception, ev.reference, ev.fid_every, ev.fid_num_samples, sampler,
-                              meta.num_classes, decode, run_dir / "eval.jsonl", ev.fid_batch_size))
+                              meta.num_classes, decode, run_dir / "eval.jsonl", ev.fid_batch_size, prompts=prompts,
+                              clip=ev.clip, prompt_source=source))
     if ev.val_every:
         out.append(ValidationLoss(val_protocol(cfg), val_source(cfg), make_net, ema,
                                   build_objective(cfg.objective), ev.val_every, run_dir / "eval.jsonl"))

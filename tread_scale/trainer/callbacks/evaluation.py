@@ -16,7 +16,6 @@ from composer.utils.misc import create_interval_scheduler
 
 from tread_scale.errors import ConfigError
 from tread_scale.evaluation.val_loss import ValProtocol, ValSet, load_valset, per_sample_losses, summarize
-from tread_scale.models.dit import DiT
 from tread_scale.sampling import SamplerSettings
 from tread_scale.trainer.callbacks.ema import EMA
 from tread_scale.trainer.callbacks.net_copy import NetCopy, weights_to_sample
@@ -41,7 +40,7 @@ class FIDMonitor(Callback):
     ``eval/comparable_to_published`` (1.0 / 0.0) and the reason once, as a hyperparameter.
 
     Args:
-        make_net: Builds an unwrapped DiT of the trained architecture.
+        make_net: Builds an unwrapped network of the trained architecture (DiT or MMDiT).
         ema: EMA callback (raw weights if ``None``).
         inception_path: Local FID Inception weights.
         reference: ADM-style ``.npz`` of reference statistics.
@@ -52,12 +51,17 @@ class FIDMonitor(Callback):
         decode: Latents → images, or ``None`` for pixel-space data.
         eval_file: ``eval.jsonl`` path.
         batch_size: Samples per forward pass.
+        prompts: A text-to-image model's prompt set (sample ``i`` gets prompt ``i``: one image per prompt, so at
+            most ``len(prompts)`` samples) and what it is (``prompt_source``, recorded); ``None`` for a DiT.
+        clip: A local CLIP folder: also the CLIP score of each image with its prompt (``eval/clip_score``).
+        prompt_source: Where the prompts came from (e.g. the validation data's first captions).
     """
 
-    def __init__(self, make_net: Callable[[], DiT], ema: EMA | None, inception_path: str, reference: str,
-                 interval: str, num_samples: int, sampler: SamplerSettings, num_classes: int,
+    def __init__(self, make_net: Callable[[], torch.nn.Module], ema: EMA | None, inception_path: str,
+                 reference: str, interval: str, num_samples: int, sampler: SamplerSettings, num_classes: int,
                  decode: Callable[[torch.Tensor], torch.Tensor] | None, eval_file: str | Path,
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, prompts=None, clip: str | None = None, prompt_source: str | None = None
+                 ) -> None:
         from tread_scale.evaluation.metrics import ReferenceStats
 
         self.net = NetCopy(make_net)
@@ -75,6 +79,14 @@ class FIDMonitor(Callback):
         self.decode = decode
         self.eval_file = Path(eval_file)
         self.batch_size = batch_size
+        self.prompts = prompts
+        self.prompt_source = prompt_source
+        if prompts is not None and num_samples > len(prompts):
+            log.warning("in-training FID: %d prompts (%s) for evaluation.fid_num_samples=%d: one image per prompt, "
+                        "so FID-%d", len(prompts), prompt_source, num_samples, len(prompts))
+            self.num_samples = len(prompts)
+        self.clip = clip
+        self._scorer = None
         self._inception = None
         self._reason_logged = False
 
@@ -94,19 +106,37 @@ class FIDMonitor(Callback):
         device = next(net.parameters()).device
         if self._inception is None:
             self._inception = load_inception(self.inception_path, device)
+        if self.clip is not None and self._scorer is None:
+            from tread_scale.evaluation.clip_score import CLIPScorer
+
+            self._scorer = CLIPScorer(self.clip, device=device)
         rank, world_size = dist.get_global_rank(), dist.get_world_size()
-        batches = (images for _, _, images, _ in generate(
+        generated = generate(
             net, self.sampler.objective, rank_indices(self.num_samples, rank, world_size), seed=0,
             num_classes=self.num_classes, steps=self.sampler.steps, guidance=self.sampler.guidance(),
             edm=self.sampler.edm(), device=device, batch_size=self.batch_size, decode=self.decode,
-            shift=self.sampler.shift))
-        result = scores(features_of(batches, self._inception, device), self.reference)
+            shift=self.sampler.shift, prompts=self.prompts, num=self.num_samples)
+        clip_sums = torch.zeros(2, dtype=torch.float64, device=device)
+
+        def batches():
+            for _, _, images, ys in generated:
+                if self._scorer is not None:
+                    got = self._scorer.scores(images, [self.prompts.prompts[y] for y in ys])
+                    clip_sums.add_(torch.tensor([float(got.sum()), len(got)], dtype=torch.float64, device=device))
+                yield images
+
+        result = scores(features_of(batches(), self._inception, device), self.reference)
         comparable, reason = comparability(self._inception.standard_weights, self.reference, result["num_samples"])
+        if self.prompts is not None:
+            comparable, reason = False, f"text-to-image FID of {self.prompt_source}: no published protocol; {reason}"
         self.net.park()
         step = int(state.timestamp.batch)
         metrics = {"eval/fid": result["fid"], "eval/comparable_to_published": float(comparable)}
         if "sfid" in result:
             metrics["eval/sfid"] = result["sfid"]
+        if self._scorer is not None:
+            dist.all_reduce(clip_sums, reduce_operation="SUM")
+            result["clip_score"] = metrics["eval/clip_score"] = float(clip_sums[0] / clip_sums[1])
         logger.log_metrics(metrics)
         if not self._reason_logged:
             logger.log_hyperparameters({"eval/comparable_reason": reason})
@@ -117,6 +147,10 @@ class FIDMonitor(Callback):
                       "comparable_reason": reason}
             if "sfid" in result:
                 record["sfid"] = result["sfid"]
+            if self.prompts is not None:
+                record["prompts"] = self.prompt_source
+            if "clip_score" in result:
+                record["clip_score"], record["clip_model"] = result["clip_score"], self._scorer.describe()
             _append(self.eval_file, record)
             log.info("FID-%d at batch %d: %.3f (%.0f s; %s)", self.num_samples, step, result["fid"],
                      time.time() - t0, reason)
