@@ -1,5 +1,7 @@
 """`make demo`'s jobs (class and text), shortened: moto server, demo data to S3 as MDS, TREAD training, sampling."""
 
+import json
+
 from tread_scale.devtools import demo
 
 
@@ -17,6 +19,9 @@ def test_demo_job_runs_end_to_end_on_moto(tmp_path, capsys):
 def test_text_demo_job_runs_end_to_end_on_moto(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("tread_scale.data.demo.DEMO_NUM_SAMPLES", 256)  # the job reads it at call time
     monkeypatch.setattr(demo, "TEXT_ENCODERS", tmp_path / "encoders")
+    monkeypatch.setattr(demo, "EVAL_MODELS", tmp_path / "eval")
+    monkeypatch.setattr(demo, "DEMO_EVAL_NUM", 8)
+    monkeypatch.setattr(demo, "DEMO_EVAL_REF", 16)
     assert demo.main(["--demo", "text", f"output_dir={tmp_path}", "train.max_duration=4ba", "train.save_interval=2ba",
                       "sampling.every=2ba", "sampling.num_images=4", "sampling.steps=2", "data.num_workers=0"]) == 0
     out = capsys.readouterr().out
@@ -27,3 +32,7 @@ def test_text_demo_job_runs_end_to_end_on_moto(tmp_path, capsys, monkeypatch):
     final = (run / "final" / "captions.txt").read_text().splitlines()
     assert [line.split(": ", 1)[1] for line in final] == demo.DEMO_PROMPTS and (run / "final" / "grid.png").is_file()
     assert "4 batches" in out
+    scores = json.loads((run / "final" / "scores.json").read_text())
+    assert scores["num_samples"] == 8 and scores["protocol"]["prompts"] == "captions of s3://tread-demo/shapes-captions " \
+        "(first 8)" and 0 <= scores["clip_score"] <= 100 and scores["fid"] > 0
+    assert f"prompt FID-8          {scores['fid']:.4g}" in out and "random stand-ins" in out

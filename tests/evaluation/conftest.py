@@ -2,37 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from torch import nn
 
+from tread_scale.devtools.eval_models import randomize_inception
 from tread_scale.evaluation.inception import FIDInception, load_inception, preprocess
 
-
-def randomize_(model: FIDInception, seed: int = 0) -> FIDInception:
-    """Random weights that keep activations O(1) through all 94 layers (He-scaled convs, random batch norms).
-
-    PyTorch's default init makes every feature ~1e-8 by the last block, which would let a wrong resize or a
-    wrong layer pass a 1e-4 comparison; these weights make such mistakes visible.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_in = m.weight[0].numel()
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2.0 / fan_in))
-            elif isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(0.8 + 0.4 * torch.rand(c, generator=g))
-                m.bias.copy_(0.2 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-            elif isinstance(m, nn.Linear):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / math.sqrt(m.in_features) * 3)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
-    return model.eval()
+#: Random weights that keep activations O(1) through all 94 layers (see the function's docstring).
+randomize_ = randomize_inception
 
 
 @pytest.fixture(scope="session")

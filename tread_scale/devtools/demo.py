@@ -40,6 +40,12 @@ DATA = f"s3://{BUCKET}/shapes"
 TEXT_DATA = f"s3://{BUCKET}/shapes-captions"
 #: Where the text demo builds its tiny T5 (deterministic: a rebuilt one has the same hashes).
 TEXT_ENCODERS = REPO / ".cache" / "demo-text-encoder"
+#: Prompt FID and CLIP score at the end of the text demo: images generated (one per caption of the data's first
+#: samples) and real images of the dataset in the reference.
+DEMO_EVAL_NUM = 64
+DEMO_EVAL_REF = 256
+#: Where the evaluation models are looked for (real ones) or built (random stand-ins).
+EVAL_MODELS = REPO / ".cache"
 #: Prompts of the text demo's final grid: one and two shapes, every colour and shape word, every quadrant.
 DEMO_PROMPTS = [
     "a red circle at top left",
@@ -137,7 +143,12 @@ def _text_demo(overrides: list[str]) -> list[str]:
         final = sample_to_folder(str(result.run_dir), str(result.run_dir / "final"), prompts=DEMO_PROMPTS,
                                  num=4 * len(DEMO_PROMPTS), steps=cfg.sampling.steps,
                                  guidance=Guidance(cfg_scale=cfg_scale), device="cpu")
+        t_eval = time.time()
+        scores = _text_scores(result.run_dir, cfg.sampling.steps, Guidance(cfg_scale=cfg_scale))
+        eval_seconds = time.time() - t_eval
     route = cfg.routing.routes[0]
+    models = "real Inception and CLIP" if scores["real_models"] else "random stand-ins for Inception and CLIP: a " \
+        "pipeline check, not quality"
     return [
         "tread_scale text-to-image demo finished",
         f"  text encoder          {encoders['t5']}  (tiny T5, built here; its hashes are in the dataset)",
@@ -150,10 +161,34 @@ def _text_demo(overrides: list[str]) -> list[str]:
         f"  sample grid (final)   {final['grid']}  (CFG {cfg_scale:g}; a row per prompt, prompts in "
         f"{final['captions'].name})",
         f"  samples (.npz)        {final['npz']}",
+        f"  prompt FID-{scores['num_samples']}          {scores['fid']:.4g}  and CLIP score {scores['clip_score']:.4g} "
+        f"(the dataset's first {scores['num_samples']} captions vs {DEMO_EVAL_REF} of its real images; {models}; "
+        f"{eval_seconds:.0f} s; {scores['out']})",
         f"  sample again          tread-scale sample {result.run_dir} --out samples/ --prompt "
         f"\"{DEMO_PROMPTS[-1]}\" --cfg-scale {cfg_scale:g}",
         f"  total                 {time.time() - t0:.0f} s",
     ]
+
+
+def _text_scores(run_dir: Path, steps: int, guidance) -> dict:
+    """Prompt FID and CLIP score of the final EMA weights: one image per caption of the demo data's first
+    :data:`DEMO_EVAL_NUM` samples against :data:`DEMO_EVAL_REF` of its real images (the shapes themselves),
+    written with their protocol to ``<run>/final/scores.json``."""
+    import json
+
+    from tread_scale.data.demo import demo_caption
+    from tread_scale.devtools.eval_models import demo_eval_models
+    from tread_scale.evaluation.fid import fid_of_weights
+
+    words = sorted({w for i in range(64) for w in demo_caption(i).split()} | {w for p in DEMO_PROMPTS
+                                                                               for w in p.split()})
+    inception, clip, real = demo_eval_models(EVAL_MODELS, words)
+    result = fid_of_weights(str(run_dir / "ema" / "latest.safetensors"), inception, ref_data=TEXT_DATA,
+                            ref_num=DEMO_EVAL_REF, prompt_data=TEXT_DATA, num=DEMO_EVAL_NUM, clip=clip, steps=steps,
+                            guidance=guidance, batch_size=32, device="cpu")
+    out = run_dir / "final" / "scores.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return {**result, "real_models": real, "out": out}
 
 
 if __name__ == "__main__":
