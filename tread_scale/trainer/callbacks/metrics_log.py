@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from composer.core import Callback, State
 from composer.loggers import Logger
@@ -12,10 +14,12 @@ from composer.utils import dist
 
 from tread_scale.jsonl import last_record_per_step
 
+log = logging.getLogger(__name__)
+
 
 class MetricsLog(Callback):
     """Every ``interval`` batches, append ``{"step", "loss", "samples", "wall_s", "samples_per_s",
-    "tflops_per_device", "mfu"}`` to a file.
+    "tflops_per_device", "mfu", "train_wall_s", "train_flops"}`` to a file.
 
     ``loss`` is the mean over the *global* batch and all its micro-batches (Composer all-reduces it every
     step into ``state.total_loss_dict``), so runs with different world sizes, micro-batch splits or
@@ -26,6 +30,19 @@ class MetricsLog(Callback):
     ``peak_flops`` or looked up in Composer's table of GPUs for the run's precision (absent on CPU). The
     FLOPs are summed batch by batch with the routes in use at each batch, so under a routing schedule they
     follow its stages; ``rate_factor`` (routed runs) is the schedule's factor at the record's batch.
+
+    ``wall_s`` is the time since this process started fitting (it restarts at a resume, and includes in-training
+    evaluation). The two cumulative fields, for comparing runs at equal cost (``tread-scale plot --target``),
+    count from batch 0 and continue across resumes (they are saved in the checkpoint):
+
+    - ``train_flops``: global training FLOPs of every batch up to and including the record's (all of them,
+      not only the logged ones); absent when the model cannot count its FLOPs.
+    - ``train_wall_s``: training seconds up to the end of the record's batch: for each batch, the time from
+      fetching its data to this callback's ``batch_end`` (forward, backward, optimizer step, EMA update and
+      the callbacks before this one, e.g. a due sample grid). What runs after it until the next batch is
+      fetched is left out: in-training evaluation (FID, validation loss), checkpoints and exports. On GPU the
+      device is synchronized at ``batch_end`` so that a batch's queued work is counted in it. Absent after
+      resuming from a checkpoint written before it was recorded (it would restart at 0).
 
     Args:
         path: ``metrics.jsonl`` path (written by rank 0; appended to on resume).
@@ -42,6 +59,22 @@ class MetricsLog(Callback):
         self._samples = 0
         self._t0 = time.time()
         self._last: tuple[float, int] | None = None
+        self._train_flops = 0.0  # global training FLOPs since batch 0, continued across resumes
+        self._train_s = 0.0  # training seconds since batch 0 (time between batches left out), continued
+        self._counted = True  # False after resuming from a checkpoint without the two counters
+        self._batch_t0: float | None = None
+        self._sync = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_flops": self._train_flops, "train_wall_s": self._train_s} if self._counted else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "train_wall_s" in state:
+            self._train_flops, self._train_s = float(state["train_flops"]), float(state["train_wall_s"])
+        else:
+            self._counted = False
+            log.warning("the checkpoint predates train_wall_s/train_flops in metrics.jsonl: the resumed run "
+                        "does not record them (they would restart at 0)")
 
     def fit_start(self, state: State, logger: Logger) -> None:
         model = state.model.module if hasattr(state.model, "module") else state.model
@@ -53,12 +86,25 @@ class MetricsLog(Callback):
         self._t0 = time.time()
         self._last = (self._t0, int(state.timestamp.sample))
         self._samples, self._flops = int(state.timestamp.sample), 0.0
+        self._sync = state.device.name == "gpu"
+
+    def before_dataloader(self, state: State, logger: Logger) -> None:
+        self._batch_t0 = time.time()
 
     def batch_end(self, state: State, logger: Logger) -> None:
+        if self._sync:
+            import torch
+
+            torch.cuda.synchronize()
+        if self._batch_t0 is not None:
+            self._train_s += time.time() - self._batch_t0
+            self._batch_t0 = None
         step = int(state.timestamp.batch)
         samples = int(state.timestamp.sample)
         if self._model is not None:  # the routes in use for this batch (a schedule changes them)
-            self._flops += (samples - self._samples) * float(self._model.train_flops_per_sample())
+            batch_flops = (samples - self._samples) * float(self._model.train_flops_per_sample())
+            self._flops += batch_flops
+            self._train_flops += batch_flops
         self._samples = samples
         if step % self.interval:
             return
@@ -77,6 +123,10 @@ class MetricsLog(Callback):
         router = getattr(getattr(self._model, "net", None), "router", None)
         if router is not None:
             record["rate_factor"] = router.rate_factor
+        if self._counted:
+            record["train_wall_s"] = round(self._train_s, 3)
+            if self._model is not None:
+                record["train_flops"] = self._train_flops
         flops, self._flops = self._flops, 0.0
         if flops:
             per_device = flops / max(now - last_t, 1e-9) / dist.get_world_size()
