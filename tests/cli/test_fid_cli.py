@@ -92,3 +92,32 @@ def test_fid_errors_are_clear(trained, capsys):
     assert "nothing is downloaded" in capsys.readouterr().err
     assert main(["fid", t["run"], "--inception", t["inception"], "--ref", str(t["root"] / "missing.npz")]) == 2
     assert "reference statistics" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~60 s: a reference and three settings of FID-4 with a random Inception (299 px on a CPU)
+def test_guidance_sweep_reports_fid_and_sampling_flops_per_setting(trained, capsys):
+    from tread_scale.models.flops import model_flops
+    from tread_scale.routing.routes import Route
+    from tread_scale.sampling import load_net
+
+    t = trained
+    out = t["root"] / "sweep.jsonl"
+    base = ["fid", t["run"], "--inception", t["inception"], "--ref-data", t["data"], "--ref-num", "4", "--num", "4",
+            *COMMON]
+    specs = ["cfg=1", "cfg=2,interval=0.3:100", "cfg=2,tread=1.5,strong=0.25,weak=0.5"]
+    assert main([*base, *[a for s in specs for a in ("--sweep", s)], "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["sweep"] for r in rows] == specs and all(np.isfinite(r["fid"]) for r in rows)
+    net, _ = load_net(t["run"], torch.device("cpu"))
+    dense = model_flops(net, []).dense
+    routed = {rate: model_flops(net, [Route(rate, r.start, r.end) for r in net.router.routes]).routed
+              for rate in (0.25, 0.5)}
+    evals = 2 * 2 - 1  # EDM-Heun, 2 steps: 3 network evaluations per image
+    assert rows[0]["sampling_flops_per_image"] == pytest.approx(evals * dense, rel=1e-12)
+    # CFG adds an unconditional pass at the levels within the interval (not all of EDM's 3 evaluations)
+    assert rows[1]["flops_vs_first"] in (pytest.approx(4 / 3, rel=1e-12), pytest.approx(5 / 3, rel=1e-12))
+    # TREAD guidance: the strong and weak routed passes replace the conditional one, CFG adds a dense one
+    assert rows[2]["flops_vs_first"] == pytest.approx((routed[0.25] + routed[0.5] + dense) / dense, rel=1e-12)
+    capsys.readouterr()
+    assert main([*base, "--sweep", "cfg=2,temperature=3"]) == 2
+    assert "'temperature=3' is not KEY=VALUE with KEY one of cfg, tread" in capsys.readouterr().err

@@ -81,3 +81,42 @@ def guidance_from_args(args: argparse.Namespace):
     return Guidance(cfg_scale=args.cfg_scale, tread_scale=args.tread_scale, strong_rate=args.strong_rate,
                     weak_rate=args.weak_rate, tread_drop_label=args.tread_drop_label,
                     interval=tuple(args.interval) if args.interval else None)
+
+
+_SWEEP_KEYS = {"cfg": "cfg_scale", "tread": "tread_scale", "strong": "strong_rate", "weak": "weak_rate",
+               "interval": "interval", "drop_label": "tread_drop_label"}
+
+
+def parse_guidance_spec(spec: str, base):
+    """One guidance setting of a sweep, e.g. ``cfg=1.5,tread=1.3,strong=0.3,weak=0.7,interval=0.1:0.9``: the
+    keys given replace those of ``base`` (the command's own guidance options).
+
+    Raises:
+        ConfigError: Naming the spec and the key or value at fault.
+    """
+    import dataclasses
+
+    from tread_scale.errors import ConfigError
+
+    changes: dict = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or key not in _SWEEP_KEYS:
+            raise ConfigError(f"--sweep {spec!r}: {part!r} is not KEY=VALUE with KEY one of {', '.join(_SWEEP_KEYS)}")
+        try:
+            if key == "interval":
+                lo, sep, hi = value.partition(":")
+                if not sep:
+                    raise ValueError("give LOW:HIGH")
+                changes["interval"] = (float(lo), float(hi))
+            elif key == "drop_label":
+                changes["tread_drop_label"] = value.lower() in ("1", "true", "yes")
+            elif key == "tread" and value.lower() == "none":
+                changes["tread_scale"] = None
+            else:
+                changes[_SWEEP_KEYS[key]] = float(value)
+        except ValueError as e:
+            raise ConfigError(f"--sweep {spec!r}: {key}={value!r} is not valid ({e})") from None
+    guidance = dataclasses.replace(base, **changes)
+    guidance.validate()
+    return guidance

@@ -12,7 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from tread_scale.cli.common import add_encoder_args, add_guidance_args, encoders_from_args, guidance_from_args
+from tread_scale.cli.common import (add_encoder_args, add_guidance_args, encoders_from_args, guidance_from_args,
+                                    parse_guidance_spec)
 from tread_scale.errors import ConfigError
 
 NAME = "fid"
@@ -54,6 +55,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "on this dataset's first --val-num samples (local or s3://; e.g. a held-out split)")
     p.add_argument("--val-num", type=int, default=64, help="samples of --val-data (default 64)")
     p.add_argument("--val-split", help="split folder of --val-data, if any")
+    p.add_argument("--sweep", action="append", metavar="SPEC",
+                   help="a guidance setting to evaluate (repeatable: a sweep, one JSON line each, with sampling FLOPs "
+                        "per image): comma-separated cfg=, tread=, strong=, weak=, interval=LOW:HIGH, drop_label= "
+                        "replacing the guidance options, e.g. --sweep cfg=1.5 --sweep cfg=1.5,tread=1.3")
     p.add_argument("--out", help="write the results as JSON here; with --every/--all, the JSON-lines curve "
                                  "(default: <run>/fid_curve.jsonl)")
     add_encoder_args(p)
@@ -75,6 +80,36 @@ def _val_kwargs(args: argparse.Namespace) -> dict | None:
     if not args.val_data:
         return None
     return dict(data=args.val_data, num_samples=args.val_num, split=args.val_split, device=args.device)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """FID (and CLIP score) of one weight file under each ``--sweep`` guidance setting, with sampling FLOPs per
+    image and their ratio to the first setting's. The reference is computed once, for the first setting."""
+    import dataclasses
+    import logging
+
+    from tread_scale.evaluation.fid import fid_of_weights
+    from tread_scale.sampling import world
+
+    log = logging.getLogger(__name__)
+    kwargs = _fid_kwargs(args)
+    settings = [parse_guidance_spec(spec, kwargs["guidance"]) for spec in args.sweep]  # all checked first
+    records, reuse = [], {}
+    for i, guidance in enumerate(settings):
+        result = fid_of_weights(args.weights, **{**kwargs, "guidance": guidance}, reuse=reuse)
+        first = records[0]["sampling_flops_per_image"] if records else result["sampling_flops_per_image"]
+        record = {"sweep": args.sweep[i], "guidance": dataclasses.asdict(guidance), **result,
+                  "flops_vs_first": result["sampling_flops_per_image"] / first}
+        records.append(record)
+        if world()[0] == 0:
+            sys.stdout.write(json.dumps(record) + "\n")
+            log.info("sweep %d/%d %-40s fid %.4g%s  sampling %.3g GFLOP/image (x%.3f of the first)", i + 1,
+                     len(settings), args.sweep[i], result["fid"],
+                     f"  clip {result['clip_score']:.4g}" if "clip_score" in result else "",
+                     result["sampling_flops_per_image"] / 1e9, record["flops_vs_first"])
+    if args.out and world()[0] == 0:
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return 0
 
 
 def _check_curve_args(args: argparse.Namespace) -> int | None:
@@ -102,6 +137,11 @@ def run(args: argparse.Namespace) -> int:
 
     curve = args.every is not None or args.all
     every = _check_curve_args(args) if curve else None
+    if args.sweep and (curve or args.val_data):
+        raise ConfigError("--sweep evaluates one weight file under several guidance settings; it does not combine "
+                          "with --every/--all or --val-data")
+    if args.sweep and args.out and Path(args.out).suffix != ".jsonl":
+        raise ConfigError(f"--out {args.out!r}: a sweep is written as JSON lines; give a .jsonl file")
     with launched_process_group():
         if curve:
             from tread_scale.evaluation.curve import fid_curve
@@ -111,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         from tread_scale.evaluation.fid import fid_of_weights
 
+        if args.sweep:
+            return _sweep(args)
         kwargs = _fid_kwargs(args)
         result = fid_of_weights(args.weights, kwargs.pop("inception"), **kwargs)
         if args.val_data:

@@ -25,7 +25,8 @@ from tread_scale.evaluation.inception import FEATURE_DIM, SPATIAL_DIM, FIDIncept
 from tread_scale.evaluation.metrics import (IMAGES, IS_SPLIT_SIZE, PIXEL_DATA, UNKNOWN, VAE_RECONSTRUCTIONS,
                                             FeatureStats, ReferenceStats, frechet_distance, inception_score,
                                             precision_recall)
-from tread_scale.sampling.generate import rank_indices, world
+from tread_scale.sampling.flops import SamplingFlops, counted
+from tread_scale.sampling.generate import capped_batch_size, rank_indices, world
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +179,8 @@ def fid_of_weights(weights: str, inception: str, *, ref: str | None = None, ref_
                    num: int | None = None, seed: int = 0, extra: bool = False, steps: int | None = None,
                    guidance: Guidance | None = None, vae: str | None = None, batch_size: int = 64,
                    device: str = "auto", prompts: list[str] | None = None, prompt_data: str | None = None,
-                   clip: str | None = None, encoders: dict[str, str | None] | None = None
-                   ) -> dict[str, Any]:
+                   clip: str | None = None, encoders: dict[str, str | None] | None = None,
+                   reuse: dict[str, Any] | None = None) -> dict[str, Any]:
     """ADM's metrics of samples of a weight file, across ranks: FID and sFID; with ``extra`` IS and precision/recall.
 
     A class-conditional DiT samples a label per seed. A text-to-image MMDiT samples a prompt set, one image
@@ -220,6 +221,8 @@ def fid_of_weights(weights: str, inception: str, *, ref: str | None = None, ref_
         clip: A local CLIP folder: also the CLIP score (:mod:`tread_scale.evaluation.clip_score`).
         encoders: Encoder folders (``t5``, ``clip``, ``clip_l``, ``clip_g``) for ``prompts`` other than
             those recorded with the weights.
+        reuse: A dict that keeps the reference statistics (and real features) between calls with the same
+            reference, e.g. the settings of a guidance sweep: the first call fills it, the next ones use it.
 
     Returns:
         ``fid``, ``num_samples``, ``comparable_to_published`` (bool), ``comparable_reason`` (why) and, where
@@ -233,7 +236,7 @@ def fid_of_weights(weights: str, inception: str, *, ref: str | None = None, ref_
     """
     from tread_scale.devices import resolve_device
     from tread_scale.evaluation.inception import load_inception
-    from tread_scale.evaluation.reference import comparability, npz_images
+    from tread_scale.evaluation.reference import comparability
     from tread_scale.sampling import SamplerSettings, default_steps, generate, load_net, make_decoder
 
     if sum(r is not None for r in (ref, ref_data, ref_images)) != 1:
@@ -251,33 +254,13 @@ def fid_of_weights(weights: str, inception: str, *, ref: str | None = None, ref_
     scorer = _clip_scorer(clip, prompt_set, dev)
     decode = make_decoder(vae, meta.data.vae, dev)
     rank, world_size = world()
-    real = None
-    if ref is not None:
-        reference = ReferenceStats.load(ref)
-        if reference.has_images and (extra or reference.mu is None):
-            batches = npz_images(ref, batch_size, rank, world_size, ref_num)
-            real = features_of(batches, net_inception, dev, keep=extra)
-            if reference.mu is None:  # ADM computes the statistics from the images when none are stored
-                stored = reference
-                reference = real.reference(stored.source, net_inception.weights_sha256)
-                reference.path = stored.path
-                if save_ref and rank == 0:
-                    reference.save(save_ref)
+    if reuse is not None and "reference" in reuse:  # a sweep: the reference of the first setting
+        reference, real = reuse["reference"], reuse["real"]
     else:
-        if ref_data is not None:
-            source = dataset_source(ref_data)
-            if source == VAE_RECONSTRUCTIONS:
-                log.warning("--ref-data %s holds latents: its reference statistics are of their VAE "
-                            "reconstructions, not of the real images (ADM's reference batches are real "
-                            "images); the result is not comparable to published numbers", ref_data)
-            batches = dataset_images(ref_data, None, decode, dev, batch_size, ref_num)
-        else:
-            source = IMAGES
-            batches = folder_images(ref_images, net.input_size[0] * (8 if decode else 1), batch_size, ref_num)
-        real = features_of(batches, net_inception, dev, keep=extra)
-        reference = real.reference(source, net_inception.weights_sha256)
-        if save_ref and rank == 0:
-            reference.save(save_ref)
+        reference, real = _reference(ref, ref_data, ref_images, ref_num, save_ref, extra, net_inception,
+                                     net.input_size[0] * (8 if decode else 1), decode, dev, batch_size)
+        if reuse is not None:
+            reuse.update(reference=reference, real=real)
     settings = SamplerSettings(meta.objective_kind, steps or default_steps(meta.objective_kind),
                                sigma_data=meta.sigma_data, shift=meta.shift)
     batches = generate(net, settings.objective, rank_indices(num, rank, world_size), seed=seed,
@@ -285,9 +268,11 @@ def fid_of_weights(weights: str, inception: str, *, ref: str | None = None, ref_
                        device=dev, batch_size=batch_size, decode=decode, shift=settings.shift, num=num,
                        prompts=prompt_set)
     clip_sums = torch.zeros(2, dtype=torch.float64, device=dev)
+    counter, rows = SamplingFlops(net), [0]
 
     def fakes() -> Iterator[np.ndarray]:
-        for _, _, images, ys in batches:
+        for _, _, images, ys in counted(batches, counter):
+            rows[0] += capped_batch_size(batch_size, num)
             if scorer is not None:
                 s = scorer.scores(images, [prompt_set.prompts[y] for y in ys])
                 clip_sums.add_(torch.tensor([float(s.sum()), len(s)], dtype=torch.float64, device=dev))
@@ -295,6 +280,7 @@ def fid_of_weights(weights: str, inception: str, *, ref: str | None = None, ref_
 
     fake = features_of(fakes(), net_inception, dev, keep=extra)
     result: dict[str, Any] = scores(fake, reference, real, device=dev)
+    result["sampling_flops_per_image"] = counter.per_image(rows[0])
     ok, why = comparability(net_inception.standard_weights, reference, result["num_samples"])
     if prompt_set is not None:
         ok, why = False, ("text-to-image FID has no named published protocol implemented here (COCO-30K needs its "
@@ -365,3 +351,39 @@ def _all_reduce_sum(t: torch.Tensor) -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
+
+def _reference(ref, ref_data, ref_images, ref_num, save_ref, extra, net_inception, pixels: int, decode, dev,
+               batch_size: int):
+    """``(reference statistics, real features or None)`` from the one reference given (see
+    :func:`fid_of_weights`); ``pixels``: the generated images' side (an image folder is resized to it)."""
+    from tread_scale.evaluation.reference import npz_images
+
+    rank, world_size = world()
+    real = None
+    if ref is not None:
+        reference = ReferenceStats.load(ref)
+        if reference.has_images and (extra or reference.mu is None):
+            batches = npz_images(ref, batch_size, rank, world_size, ref_num)
+            real = features_of(batches, net_inception, dev, keep=extra)
+            if reference.mu is None:  # ADM computes the statistics from the images when none are stored
+                stored = reference
+                reference = real.reference(stored.source, net_inception.weights_sha256)
+                reference.path = stored.path
+                if save_ref and rank == 0:
+                    reference.save(save_ref)
+    else:
+        if ref_data is not None:
+            source = dataset_source(ref_data)
+            if source == VAE_RECONSTRUCTIONS:
+                log.warning("--ref-data %s holds latents: its reference statistics are of their VAE "
+                            "reconstructions, not of the real images (ADM's reference batches are real "
+                            "images); the result is not comparable to published numbers", ref_data)
+            batches = dataset_images(ref_data, None, decode, dev, batch_size, ref_num)
+        else:
+            source = IMAGES
+            batches = folder_images(ref_images, pixels, batch_size, ref_num)
+        real = features_of(batches, net_inception, dev, keep=extra)
+        reference = real.reference(source, net_inception.weights_sha256)
+        if save_ref and rank == 0:
+            reference.save(save_ref)
+    return reference, real
