@@ -78,9 +78,10 @@ class WeightsMeta:
         ema: Whether these are EMA weights (``False``: raw weights of a run without EMA).
         text: The run's ``text`` section (``t5``/``clip``: local encoder folders, absolute paths) of a
             text-conditioned model, so ``tread-scale sample --prompt`` finds its encoders; ``None`` otherwise.
-        train_wall_s: Training wall-clock seconds up to ``step`` (Composer's ``timestamp.total_wct``: the sum
-            of batch times, in-training evaluation excluded, continued across resumes); ``None`` if not
-            recorded (files exported before it was).
+        train_wall_s: Wall-clock seconds up to ``step`` (Composer's ``timestamp.total_wct``: the sum of batch
+            times, continued across resumes; our in-training evaluation runs between batches and is counted in
+            the next batch's time: ``metrics.jsonl``'s ``train_wall_s`` excludes it); ``None`` if not recorded
+            (files exported before it was).
         extra: Other keys, kept as they are.
     """
 
