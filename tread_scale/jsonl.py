@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -33,4 +34,32 @@ def last_record_per_step(path: str | os.PathLike, key: str | None = None) -> lis
     return [by_step[k] for k in sorted(by_step)]
 
 
-__all__ = ["last_record_per_step"]
+def json_objects(path: str | os.PathLike, error: type[Exception], expected: str,
+                 example: str = "") -> Iterator[tuple[str, dict]]:
+    """``(where, object)`` for each non-blank line of a JSON-lines file of objects; ``where`` is ``file:line``.
+
+    Args:
+        path: The ``.jsonl`` file.
+        error: The exception raised for a bad line (e.g. :class:`~tread_scale.errors.ConfigError`).
+        expected: What each object should hold, for the message (e.g. ``a JSON object with a "prompt"``).
+        example: An example line for the message of a line that is not JSON.
+
+    Raises:
+        error: Naming the file and line of a line that is not JSON or not an object.
+    """
+    with Path(path).open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise error(f"{where}: not valid JSON ({e}); expected {expected} a line"
+                            + (f", e.g. {example}" if example else "")) from None
+            if not isinstance(obj, dict):
+                raise error(f"{where}: expected {expected}, got a {type(obj).__name__}")
+            yield where, obj
+
+
+__all__ = ["json_objects", "last_record_per_step"]

@@ -406,3 +406,18 @@ def test_unknown_words_of_prompts_are_named_once_per_call(encoders, caplog):
     shown = ", ".join(repr(w) for w in many[:UNKNOWN_WORDS_SHOWN])
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
         f"prompt words the encoder 't5' does not know (encoded as <unk>): {shown} and 3 more"]
+
+
+def test_a_bad_manifest_line_is_named(tmp_path):
+    from tread_scale.data.captions import _read_manifest
+    from tread_scale.errors import DatasetError
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"path": "a.png", "caption": "a red circle"}\n\n{"path": "b.png", caption}\n')
+    with pytest.raises(DatasetError, match=r"m.jsonl:3: not valid JSON .*expected a JSON object with path and caption"):
+        _read_manifest(manifest)
+    manifest.write_text('{"path": "a.png"}\n["b.png"]\n')
+    with pytest.raises(DatasetError, match=r"m.jsonl:2: expected a JSON object with path and caption, got a list"):
+        _read_manifest(manifest)
+    manifest.write_text('{"path": "a.png", "caption": "x"}\n')
+    assert _read_manifest(manifest) == [("a.png", "x", f"{manifest}:1")]

@@ -18,7 +18,6 @@ dataset's ``caption_bytes``). Captioned datasets have one class: every label is 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -32,6 +31,7 @@ from tread_scale.data.metadata import TextMetadata
 from tread_scale.data.sources import (IMAGE_SUFFIXES, ImageEncoder, Plan, Sample, Source, _npz_keys, aligned_chunks,
                                       check_sample, encode_image_chunks, files_stamp, vae_plan)
 from tread_scale.errors import ConfigError, DatasetError
+from tread_scale.jsonl import json_objects
 
 log = logging.getLogger(__name__)
 
@@ -195,19 +195,9 @@ def _read_manifest(path: Path) -> list[tuple[str, str | None, str]]:
         return None if value is None else str(value)
 
     if path.suffix.lower() == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    d = json.loads(line)
-                except ValueError as e:
-                    raise DatasetError(f"{where}: not a JSON object ({e})") from None
-                if not isinstance(d, dict):
-                    raise DatasetError(f"{where}: expected a JSON object with path and caption, got {type(d).__name__}")
-                rows.append((pick(d, MANIFEST_PATH_KEYS, where, "image path", True),
-                             pick(d, MANIFEST_CAPTION_KEYS, where, "caption", False), where))
+        for where, d in json_objects(path, DatasetError, "a JSON object with path and caption"):
+            rows.append((pick(d, MANIFEST_PATH_KEYS, where, "image path", True),
+                         pick(d, MANIFEST_CAPTION_KEYS, where, "caption", False), where))
     elif path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)

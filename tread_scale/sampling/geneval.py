@@ -35,6 +35,7 @@ import numpy as np
 
 from tread_scale.errors import ConfigError
 from tread_scale.files import replace_atomically
+from tread_scale.jsonl import json_objects
 
 log = logging.getLogger(__name__)
 
@@ -72,23 +73,13 @@ def read_geneval_metadata(path: str | os.PathLike) -> list[dict]:
         raise ConfigError(f"--geneval {str(path)!r}: no such file (GenEval's prompts/evaluation_metadata.jsonl: one "
                           "JSON object a line)")
     out = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{p}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise ConfigError(f"{where}: not valid JSON ({e}); expected one JSON object a line, e.g. "
-                                  '{"tag": "single_object", "prompt": "a photo of a bench", ...}') from None
-            if not isinstance(obj, dict):
-                raise ConfigError(f"{where}: expected a JSON object with a \"prompt\", got a {type(obj).__name__}")
-            prompt = obj.get("prompt")
-            if not isinstance(prompt, str) or not prompt.strip():
-                got = "no \"prompt\" key" if "prompt" not in obj else f"\"prompt\": {json.dumps(prompt)}"
-                raise ConfigError(f"{where}: expected a non-empty string \"prompt\", got {got}")
-            out.append(obj)
+    for where, obj in json_objects(p, ConfigError, 'a JSON object with a "prompt"',
+                                   '{"tag": "single_object", "prompt": "a photo of a bench", ...}'):
+        prompt = obj.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            got = "no \"prompt\" key" if "prompt" not in obj else f"\"prompt\": {json.dumps(prompt)}"
+            raise ConfigError(f"{where}: expected a non-empty string \"prompt\", got {got}")
+        out.append(obj)
     if not out:
         raise ConfigError(f"--geneval {str(path)!r}: the file holds no prompt (one JSON object a line)")
     return out
