@@ -4,21 +4,26 @@ Class-conditional DiT weights sample labels (``--labels``); text-to-image MMDiT 
 (``--prompt``, ``--prompts``), encoded with the local encoders recorded with the weights or given by
 ``--t5``/``--clip`` and checked against the hashes the training data recorded. ``--geneval FILE`` writes
 ``--per-prompt`` images of every prompt of a GenEval metadata file in GenEval's folder layout instead, to be
-scored in GenEval's own environment (:mod:`tread_scale.sampling.geneval`).
+scored in GenEval's own environment (:mod:`tread_scale.sampling.geneval`). ``--sweep SPEC`` (repeatable) samples
+the same seeds and prompts/labels once per guidance setting into ``OUT/<i>-<slug>/`` and writes ``OUT/sweep.jsonl``,
+a line per setting with its sampling FLOPs per image (counted from the network calls) and their ratio to the first's.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import re
 
-from tread_scale.cli.common import add_encoder_args, add_guidance_args, guidance_from_args
+from tread_scale.cli.common import add_encoder_args, add_guidance_args, guidance_from_args, parse_guidance_spec
 
 NAME = "sample"
 log = logging.getLogger(__name__)
 
 DEFAULT_GRID_MAX = 64  # tread_scale.sampling.DEFAULT_GRID_MAX, without importing torch to build the parser
 DEFAULT_PER_PROMPT = 4  # tread_scale.sampling.geneval.GENEVAL_IMAGES_PER_PROMPT (GenEval's protocol)
+SWEEP_FILE = "sweep.jsonl"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -43,6 +48,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "text-to-image (MMDiT) weights; resumes a folder it wrote (instead of --prompt/--prompts)")
     p.add_argument("--per-prompt", type=int,
                    help=f"--geneval: images per prompt (default {DEFAULT_PER_PROMPT}, GenEval's protocol)")
+    p.add_argument("--sweep", action="append", metavar="SPEC",
+                   help="a guidance setting (repeatable: a sweep): sample the same seeds and prompts/labels once per "
+                        "setting into OUT/<i>-<setting>/ and write OUT/sweep.jsonl with each setting's sampling FLOPs "
+                        "per image; SPEC is KEY=VALUE[,...] with KEY in cfg, tread, strong, weak, interval (LOW:HIGH), "
+                        "drop_label, replacing the guidance options, e.g. --sweep cfg=1 --sweep cfg=3,tread=1.3")
     add_encoder_args(p)
     add_guidance_args(p)
     return p
@@ -54,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
     from tread_scale.errors import ConfigError
     from tread_scale.sampling import read_prompt_file, sample_to_folder
 
+    if args.sweep and args.geneval:
+        raise ConfigError("--sweep samples a grid per guidance setting; it does not combine with --geneval (run "
+                          "sample --geneval once per setting, each with its own --out)")
     if args.geneval:
         return _run_geneval(args)
     if args.per_prompt is not None:
@@ -64,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:
         raise ConfigError(f"--labels {args.labels!r}: expected comma-separated class numbers, e.g. 0,3,7") from None
     prompts = list(args.prompt or []) + (read_prompt_file(args.prompts) if args.prompts else [])
+    if args.sweep:
+        return _run_sweep(args, labels, prompts or None)
     with launched_process_group():
         out = sample_to_folder(args.weights, args.out, num=args.num, seed=args.seed, labels=labels,
                                prompts=prompts or None, t5=args.t5, clip=args.clip, clip_l=args.clip_l,
@@ -72,6 +87,53 @@ def run(args: argparse.Namespace) -> int:
                                device=args.device, grid_max=args.grid_max)
     if out:
         log.info("wrote %s", ", ".join(str(v) for v in out.values()))
+    return 0
+
+
+def sweep_folder(i: int, spec: str) -> str:
+    """The folder name of setting ``i`` of a sweep: ``<i>-<spec with each run of other characters than letters,
+    digits and dots as one dash>``, e.g. ``1-cfg-1.5-interval-0.1-0.9``."""
+    return f"{i}-{re.sub(r'[^A-Za-z0-9.]+', '-', spec).strip('-') or 'base'}"
+
+
+def _run_sweep(args: argparse.Namespace, labels: list[int] | None, prompts: list[str] | None) -> int:
+    """``sample --sweep``: the same samples under each guidance setting, a folder each, and ``sweep.jsonl`` with
+    the sampling FLOPs per image of each (rank 0 writes). Every spec is checked before anything is sampled."""
+    import dataclasses
+    from pathlib import Path
+
+    from tread_scale.errors import ConfigError
+    from tread_scale.parallel.process_group import launched_process_group
+    from tread_scale.sampling import sample_to_folder
+    from tread_scale.weights import read_meta, resolve_weights
+
+    settings = [parse_guidance_spec(spec, guidance_from_args(args)) for spec in args.sweep]
+    tread = [spec for spec, g in zip(args.sweep, settings) if g.uses_tread]
+    path = resolve_weights(args.weights)
+    if tread and not read_meta(path).routing_config().routes:
+        raise ConfigError(f"--sweep {tread[0]!r}: TREAD guidance needs weights trained with routes; {path} records "
+                          "none (a dense model); leave tread= out of the sweep")
+    out = Path(args.out)
+    records: list[dict] = []
+    with launched_process_group():
+        for i, (spec, guidance) in enumerate(zip(args.sweep, settings)):
+            folder = out / sweep_folder(i, spec)
+            written = sample_to_folder(str(path), str(folder), num=args.num, seed=args.seed, labels=labels,
+                                       prompts=prompts, t5=args.t5, clip=args.clip, clip_l=args.clip_l,
+                                       clip_g=args.clip_g, steps=args.steps, guidance=guidance, vae=args.vae,
+                                       batch_size=args.batch_size, device=args.device, grid_max=args.grid_max,
+                                       count_flops=True)
+            if not written:  # ranks other than 0 write nothing
+                continue
+            flops = written["sampling_flops_per_image"]
+            first = records[0]["sampling_flops_per_image"] if records else flops
+            records.append({"sweep": spec, "guidance": dataclasses.asdict(guidance), "folder": str(folder),
+                            "sampling_flops_per_image": flops, "flops_vs_first": flops / first})
+            (out / SWEEP_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+            log.info("sweep %d/%d %-40s -> %s  sampling %.3g GFLOP/image (x%.3f of the first)", i + 1,
+                     len(settings), spec, folder, flops / 1e9, records[-1]["flops_vs_first"])
+    if records:
+        log.info("wrote %s", out / SWEEP_FILE)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -16,7 +17,8 @@ from tread_scale.devices import resolve_device
 from tread_scale.diffusion.guidance import Guidance
 from tread_scale.errors import ConfigError
 from tread_scale.imaging import save_png
-from tread_scale.sampling.generate import generate, rank_indices, world
+from tread_scale.sampling.flops import SamplingFlops, counted
+from tread_scale.sampling.generate import capped_batch_size, generate, rank_indices, world
 from tread_scale.sampling.grid import CAPTIONS_FILE, DEFAULT_GRID_MAX, captioned_grid, grid_columns, grid_image, \
     write_captions
 from tread_scale.sampling.loading import load_net, make_decoder
@@ -32,7 +34,7 @@ def sample_to_folder(weights: str, out: str, *, num: int | None = None, seed: in
                      clip: str | None = None, clip_l: str | None = None, clip_g: str | None = None,
                      steps: int | None = None, guidance: Guidance | None = None,
                      vae: str | None = None, batch_size: int = 64, device: str = "auto",
-                     grid_max: int = DEFAULT_GRID_MAX) -> dict[str, Path]:
+                     grid_max: int = DEFAULT_GRID_MAX, count_flops: bool = False) -> dict[str, Any]:
     """Sample ``num`` images and write ``grid.png`` and ``samples.npz`` into ``out`` (rank 0).
 
     Under torch.distributed every rank generates its share (samples ``rank, rank + W, …``); the files are
@@ -59,9 +61,12 @@ def sample_to_folder(weights: str, out: str, *, num: int | None = None, seed: in
         batch_size: Samples per forward pass (results do not depend on it); at most ``num``.
         device: ``auto``, ``cpu``, ``gpu``/``cuda`` or ``cuda:N``.
         grid_max: At most this many samples in ``grid.png``.
+        count_flops: Also return ``sampling_flops_per_image``: the forward FLOPs of the network calls made while
+            generating (:class:`~tread_scale.sampling.flops.SamplingFlops`), per computed row (``sample --sweep``).
 
     Returns:
-        Paths of the written files (``grid``, ``npz``, and ``captions`` for prompts); empty on ranks other than 0.
+        Paths of the written files (``grid``, ``npz``, and ``captions`` for prompts), with ``count_flops`` also
+        ``sampling_flops_per_image``; empty on ranks other than 0.
 
     Raises:
         ConfigError: If a label is out of range, prompts and weights do not go together, the text encoders
@@ -96,11 +101,15 @@ def sample_to_folder(weights: str, out: str, *, num: int | None = None, seed: in
     rank, world_size = world()
     decode = make_decoder(vae, meta.data.vae, dev)
     rows = []
-    for idx, lat, pixels, ys in generate(net, settings.objective, rank_indices(num, rank, world_size), seed=seed,
-                                         num_classes=num_classes, steps=settings.steps, guidance=guidance,
-                                         edm=settings.edm(), device=dev, batch_size=batch_size, decode=decode,
-                                         labels=labels, prompts=prompt_set, shift=settings.shift, num=num):
+    counter, computed = SamplingFlops(net), 0  # rows computed (padded ones included), for count_flops
+    rows_per_batch = capped_batch_size(batch_size, num) if count_flops else 0
+    batches = generate(net, settings.objective, rank_indices(num, rank, world_size), seed=seed,
+                       num_classes=num_classes, steps=settings.steps, guidance=guidance, edm=settings.edm(),
+                       device=dev, batch_size=batch_size, decode=decode, labels=labels, prompts=prompt_set,
+                       shift=settings.shift, num=num)
+    for idx, lat, pixels, ys in (counted(batches, counter) if count_flops else batches):
         rows += list(zip(idx, lat.numpy(), pixels, ys))
+        computed += rows_per_batch
     if world_size > 1:
         import torch.distributed as dist
 
@@ -130,6 +139,8 @@ def sample_to_folder(weights: str, out: str, *, num: int | None = None, seed: in
         np.savez(npz, latents=latents, labels=np.asarray([r[3] for r in rows]), seeds=seeds, images=pixels)
     if shown < num:
         log.info("grid.png shows the first %d of %d samples; samples.npz holds them all", shown, num)
+    if count_flops:
+        return {**written, "npz": npz, "sampling_flops_per_image": counter.per_image(computed)}
     return {**written, "npz": npz}
 
 
