@@ -18,7 +18,7 @@ from tread_scale.diffusion.guidance import Guidance
 from tread_scale.errors import ConfigError
 from tread_scale.imaging import save_png
 from tread_scale.sampling.flops import SamplingFlops, counted
-from tread_scale.sampling.generate import capped_batch_size, generate, rank_indices, world
+from tread_scale.sampling.generate import capped_batch_size, generate, rank_indices, rows_on_rank0, world
 from tread_scale.sampling.grid import CAPTIONS_FILE, DEFAULT_GRID_MAX, captioned_grid, grid_columns, grid_image, \
     write_captions
 from tread_scale.sampling.loading import load_net, make_decoder
@@ -110,15 +110,9 @@ def sample_to_folder(weights: str, out: str, *, num: int | None = None, seed: in
     for idx, lat, pixels, ys in (counted(batches, counter) if count_flops else batches):
         rows += list(zip(idx, lat.numpy(), pixels, ys))
         computed += rows_per_batch
-    if world_size > 1:
-        import torch.distributed as dist
-
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, rows)
-        rows = [r for part in gathered for r in part]
-    if rank != 0:
+    rows = rows_on_rank0(rows)
+    if rows is None:
         return {}
-    rows.sort(key=lambda r: r[0])
     latents = np.stack([r[1] for r in rows])
     pixels = np.stack([r[2] for r in rows])
     out_dir = Path(out)

@@ -39,6 +39,21 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def rows_on_rank0(rows: list[tuple]) -> list[tuple] | None:
+    """Every rank's ``rows`` (tuples whose first item is the sample index) on rank 0, sorted by index;
+    ``None`` on the other ranks. Every rank of the process group must call it."""
+    rank, world_size = world()
+    if world_size > 1:
+        import torch.distributed as dist
+
+        gathered: list = [None] * world_size
+        dist.all_gather_object(gathered, rows)
+        rows = [r for part in gathered for r in part]
+    if rank != 0:
+        return None
+    return sorted(rows, key=lambda r: r[0])
+
+
 def sample_label(seed: int, num_classes: int) -> int:
     """The label of the sample with seed ``seed`` when labels are drawn (the same on every rank)."""
     return mix_seed(seed, LABEL_SALT) % num_classes

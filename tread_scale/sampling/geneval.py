@@ -336,7 +336,7 @@ def prompt_runs(pending: Sequence[int], size: int) -> list[list[int]]:
 def _generate_runs(path, meta, prompt_set, pending, runs, *, per_prompt, seed, steps, guidance, vae, batch, dev):
     """Yield, for each run of consecutive prompts, prompt number → its ``(per_prompt, H, W, 3)`` uint8 images
     (on rank 0; other ranks get empty mappings after they did their share)."""
-    from tread_scale.sampling.generate import generate, rank_indices, world
+    from tread_scale.sampling.generate import generate, rank_indices, rows_on_rank0, world
     from tread_scale.sampling.loading import load_net, make_decoder
     from tread_scale.sampling.prompts import PromptSet
     from tread_scale.sampling.settings import SamplerSettings
@@ -358,16 +358,10 @@ def _generate_runs(path, meta, prompt_set, pending, runs, *, per_prompt, seed, s
                                           steps=settings.steps, guidance=guidance, edm=settings.edm(), device=dev,
                                           batch_size=batch, decode=decode, prompts=repeated, shift=settings.shift):
             got += list(zip(idx, pixels))
-        if world_size > 1:
-            import torch.distributed as dist
-
-            gathered = [None] * world_size
-            dist.all_gather_object(gathered, got)
-            got = [r for part in gathered for r in part]
-        if rank != 0:
+        got = rows_on_rank0(got)
+        if got is None:
             yield {}
             continue
-        got.sort(key=lambda r: r[0])
         pixels = np.stack([r[1] for r in got])
         yield {p: pixels[q * per_prompt: (q + 1) * per_prompt] for q, p in enumerate(run)}
 
