@@ -13,7 +13,8 @@ from tests.conftest import tiny_run_cfg
 from tread_scale.diffusion.edm import EDM
 from tread_scale.diffusion.rectified_flow import RectifiedFlow
 from tread_scale.errors import DatasetError
-from tread_scale.evaluation.val_loss import default_levels, load_valset, per_sample_losses, summarize
+from tread_scale.evaluation.val_loss import (COMPARABLE_REASON, default_levels, load_valset, per_sample_losses,
+                                             summarize)
 from tread_scale.models.dit import DiT
 
 N = 20  # chunks of 8, 8 and 4: the last chunk is short, and 2 ranks get unequal shares
@@ -92,7 +93,8 @@ def test_in_training_validation_loss_on_held_out_data_equals_the_protocol_on_the
     (rec,) = [json.loads(line) for line in (tmp_path / "t" / "eval.jsonl").read_text().splitlines()]
     assert rec["step"] == 2 and set(rec["val_loss_by_level"]) == {str(v) for v in default_levels("rf")}
     assert rec["val_protocol"] == {"data": latent_dataset, "num_samples": 12, "levels": default_levels("rf"),
-                                   "objective": "rf", "noise_seed": 0xE7A1, "objective_args": {}}
+                                   "objective": "rf", "noise_seed": 0xE7A1, "objective_args": {},
+                                   "comparable_to_published": False, "comparable_reason": COMPARABLE_REASON}
     net, _ = load_net(tmp_path / "t" / "ema" / "latest.safetensors", torch.device("cpu"))
     table = per_sample_losses(net.eval(), build_objective(cfg.objective), load_valset(latent_dataset, 12),
                               default_levels("rf"))

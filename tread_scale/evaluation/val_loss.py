@@ -30,6 +30,8 @@ from torch import nn
 from tread_scale.errors import DatasetError
 from tread_scale.rng import mix_seed
 
+COMPARABLE_REASON = ("a validation loss depends on its data, noise levels, noise and objective: compare it only with "
+                     "results of the same val_protocol")
 #: Samples per forward pass; fixed, so the computation of a sample does not depend on the world size.
 CHUNK = 8
 NOISE_SEED = 0xE7A1
@@ -73,9 +75,11 @@ class ValProtocol:
                    objective_args=(("sigma_data", float(sigma_data)),) if objective == "edm" else ())
 
     def to_dict(self) -> dict[str, Any]:
+        """The protocol as recorded, with its label: never comparable to published numbers."""
         out = asdict(self)
         out["levels"] = list(self.levels)
         out["objective_args"] = dict(self.objective_args)
+        out.update(comparable_to_published=False, comparable_reason=COMPARABLE_REASON)
         return out
 
 
