@@ -114,14 +114,14 @@ def test_captions_to_s3_then_mmdit_streams_checkpoints_and_resumes_exactly_from_
     err = capsys.readouterr().err
     assert "model.pos_embed='rope'" in err and "diffusers' SD3" in err, err
     assert not (tmp_path / "diffusers").exists()
-    # fid refuses before any reference or sample work: its samples are drawn per class label
+    # fid without a prompt set refuses before any reference or sample work (an MMDiT samples one image per prompt)
     from tread_scale.evaluation.inception import FIDInception, save_inception
 
     ref = tmp_path / "ref.npz"
     np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
     inception = save_inception(FIDInception(), tmp_path / "inception.safetensors")
     assert main(["fid", str(resumed), "--inception", str(inception), "--ref", str(ref)]) == 2
-    assert "text-conditioned model" in capsys.readouterr().err
+    assert "a text-to-image model's FID needs one prompt set: --prompts FILE" in capsys.readouterr().err
 
     # a fine-tune from these weights (model.init_from) drops captions to this dataset's empty prompt, not the
     # file's (here a different one, of another length)
