@@ -321,7 +321,7 @@ def test_in_training_fid_and_clip_score_of_an_mmdit_equal_the_cli_on_its_weights
     run, root = trained
     (rec,) = [r for r in (json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()) if "fid" in r]
     assert rec["step"] == 4 and rec["num_samples"] == 4 and rec["prompts"] == f"captions of {root / 'data'} (first 4)"
-    assert rec["comparable_to_published"] is False and "no published protocol" in rec["comparable_reason"]
+    assert rec["comparable_to_published"] is False and "no named published protocol" in rec["comparable_reason"]
     assert 0 <= rec["clip_score"] <= 100 and rec["clip_model"]["folder"] == str(run.parent / "clip")
     out, files = tmp_path / "fid.json", run.parent
     assert main(["fid", str(run / "ema" / "ba00000004.safetensors"), "--inception", str(files / "inception.safetensors"),

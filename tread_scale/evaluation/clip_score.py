@@ -224,6 +224,34 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ tiny CLIP
+class CLIPTally:
+    """The CLIP score of generated batches, each image with its prompt, summed over ranks at the end.
+
+    Args:
+        scorer: The CLIP model.
+        prompts: The prompt strings; a batch names its images' prompts by index.
+        device: Where the running sums live (the collective's device: CUDA under NCCL).
+    """
+
+    def __init__(self, scorer: CLIPScorer, prompts: Sequence[str], device: torch.device | str) -> None:
+        self.scorer = scorer
+        self.prompts = prompts
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # score sum, pairs
+
+    def add(self, images, prompt_ids: Sequence[int]) -> None:
+        """Score a batch of uint8 images against their prompts ``prompt_ids``."""
+        got = self.scorer.scores(images, [self.prompts[i] for i in prompt_ids])
+        self.sums += torch.tensor([float(got.sum()), len(got)], dtype=torch.float64, device=self.sums.device)
+
+    def mean(self) -> float:
+        """The mean over every rank's pairs (every rank of the process group, if any, must call it)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self.sums)
+        return float(self.sums[0] / self.sums[1])
+
+
 def build_tiny_clip(folder: str | os.PathLike, seed: int = 0, vocab: Sequence[str] | None = None) -> str:
     """Write a tiny random ``CLIPModel`` and its ``CLIPProcessor`` to ``folder`` (``save_pretrained`` layout).
 

@@ -236,7 +236,8 @@ def fid_of_weights(weights: str, inception: str, *, ref: str | None = None, ref_
     """
     from tread_scale.devices import resolve_device
     from tread_scale.evaluation.inception import load_inception
-    from tread_scale.evaluation.reference import comparability
+    from tread_scale.evaluation.clip_score import CLIPTally
+    from tread_scale.evaluation.reference import comparability, text_to_image_reason
     from tread_scale.sampling import SamplerSettings, default_steps, generate, load_net, make_decoder
 
     if sum(r is not None for r in (ref, ref_data, ref_images)) != 1:
@@ -258,7 +259,7 @@ def fid_of_weights(weights: str, inception: str, *, ref: str | None = None, ref_
         reference, real = reuse["reference"], reuse["real"]
     else:
         reference, real = _reference(ref, ref_data, ref_images, ref_num, save_ref, extra, net_inception,
-                                     net.input_size[0] * (8 if decode else 1), decode, dev, batch_size)
+                                     _pixel_size(net, decode)[0], decode, dev, batch_size)
         if reuse is not None:
             reuse.update(reference=reference, real=real)
     settings = SamplerSettings(meta.objective_kind, steps or default_steps(meta.objective_kind),
@@ -267,15 +268,14 @@ def fid_of_weights(weights: str, inception: str, *, ref: str | None = None, ref_
                        num_classes=meta.num_classes, steps=settings.steps, guidance=guidance, edm=settings.edm(),
                        device=dev, batch_size=batch_size, decode=decode, shift=settings.shift, num=num,
                        prompts=prompt_set)
-    clip_sums = torch.zeros(2, dtype=torch.float64, device=dev)
+    tally = CLIPTally(scorer, prompt_set.prompts, dev) if scorer is not None else None
     counter, rows = SamplingFlops(net), [0]
 
     def fakes() -> Iterator[np.ndarray]:
         for _, _, images, ys in counted(batches, counter):
             rows[0] += capped_batch_size(batch_size, num)
-            if scorer is not None:
-                s = scorer.scores(images, [prompt_set.prompts[y] for y in ys])
-                clip_sums.add_(torch.tensor([float(s.sum()), len(s)], dtype=torch.float64, device=dev))
+            if tally is not None:
+                tally.add(images, ys)
             yield images
 
     fake = features_of(fakes(), net_inception, dev, keep=extra)
@@ -283,17 +283,15 @@ def fid_of_weights(weights: str, inception: str, *, ref: str | None = None, ref_
     result["sampling_flops_per_image"] = counter.per_image(rows[0])
     ok, why = comparability(net_inception.standard_weights, reference, result["num_samples"])
     if prompt_set is not None:
-        ok, why = False, ("text-to-image FID has no named published protocol implemented here (COCO-30K needs its "
-                          f"own captions, images and resize); compare only with results of the same protocol; {why}")
+        ok, why = False, text_to_image_reason(why)
         result["protocol"] = {"prompts": prompt_source, "num_prompts": len(prompt_set), "num_samples": num,
                               "seed": seed, "resolution": _pixel_size(net, decode),
                               "resize": "Inception input: TF1 bilinear to 299 (ADM's pipeline)",
                               "sampler": f"{settings.objective} {settings.steps} steps (shift {settings.shift:g})",
                               "guidance": dataclasses.asdict(guidance) if guidance else None,
                               "reference": reference.source}
-    if scorer is not None:
-        _all_reduce_sum(clip_sums)
-        result["clip_score"] = float(clip_sums[0] / clip_sums[1])
+    if tally is not None:
+        result["clip_score"] = tally.mean()
         result["clip_model"] = scorer.describe()
     result["comparable_to_published"], result["comparable_reason"] = ok, why
     if rank == 0:
@@ -345,12 +343,6 @@ def _pixel_size(net, decode) -> list[int]:
     """Height and width of the generated images (latents × 8 when a VAE decodes them)."""
     return [side * (8 if decode is not None else 1) for side in net.input_size]
 
-
-def _all_reduce_sum(t: torch.Tensor) -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
 
 def _reference(ref, ref_data, ref_images, ref_num, save_ref, extra, net_inception, pixels: int, decode, dev,
                batch_size: int):

@@ -69,6 +69,12 @@ def npz_images(path: str | Path, batch_size: int, rank: int = 0, world_size: int
                     yield mine
 
 
+def text_to_image_reason(why: str) -> str:
+    """Why a text-to-image FID is not comparable to published numbers, before :func:`comparability`'s ``why``."""
+    return ("text-to-image FID has no named published protocol implemented here (COCO-30K needs its own captions, "
+            f"images and resize); compare only with results of the same protocol; {why}")
+
+
 def comparability(standard_weights: bool, reference: ReferenceStats, num_samples: int) -> tuple[bool, str]:
     """Whether a result is comparable to published (ADM-suite) numbers, and why (a short sentence).
 

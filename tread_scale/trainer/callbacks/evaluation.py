@@ -98,7 +98,8 @@ class FIDMonitor(Callback):
     def evaluate(self, state: State, logger: Logger) -> float:
         from tread_scale.evaluation.fid import features_of, scores
         from tread_scale.evaluation.inception import load_inception
-        from tread_scale.evaluation.reference import comparability
+        from tread_scale.evaluation.clip_score import CLIPTally
+        from tread_scale.evaluation.reference import comparability, text_to_image_reason
         from tread_scale.sampling import generate, rank_indices
 
         t0 = time.time()
@@ -116,27 +117,25 @@ class FIDMonitor(Callback):
             num_classes=self.num_classes, steps=self.sampler.steps, guidance=self.sampler.guidance(),
             edm=self.sampler.edm(), device=device, batch_size=self.batch_size, decode=self.decode,
             shift=self.sampler.shift, prompts=self.prompts, num=self.num_samples)
-        clip_sums = torch.zeros(2, dtype=torch.float64, device=device)
+        tally = CLIPTally(self._scorer, self.prompts.prompts, device) if self._scorer is not None else None
 
         def batches():
             for _, _, images, ys in generated:
-                if self._scorer is not None:
-                    got = self._scorer.scores(images, [self.prompts.prompts[y] for y in ys])
-                    clip_sums.add_(torch.tensor([float(got.sum()), len(got)], dtype=torch.float64, device=device))
+                if tally is not None:
+                    tally.add(images, ys)
                 yield images
 
         result = scores(features_of(batches(), self._inception, device), self.reference)
         comparable, reason = comparability(self._inception.standard_weights, self.reference, result["num_samples"])
         if self.prompts is not None:
-            comparable, reason = False, f"text-to-image FID of {self.prompt_source}: no published protocol; {reason}"
+            comparable, reason = False, text_to_image_reason(reason)
         self.net.park()
         step = int(state.timestamp.batch)
         metrics = {"eval/fid": result["fid"], "eval/comparable_to_published": float(comparable)}
         if "sfid" in result:
             metrics["eval/sfid"] = result["sfid"]
-        if self._scorer is not None:
-            dist.all_reduce(clip_sums, reduce_operation="SUM")
-            result["clip_score"] = metrics["eval/clip_score"] = float(clip_sums[0] / clip_sums[1])
+        if tally is not None:
+            result["clip_score"] = metrics["eval/clip_score"] = tally.mean()
         logger.log_metrics(metrics)
         if not self._reason_logged:
             logger.log_hyperparameters({"eval/comparable_reason": reason})
