@@ -123,5 +123,6 @@ def _evaluation_callbacks(cfg, meta: LatentMetadata, make_net, ema, decode, run_
                               clip=ev.clip, prompt_source=source))
     if ev.val_every:
         out.append(ValidationLoss(val_protocol(cfg), val_source(cfg), make_net, ema,
-                                  build_objective(cfg.objective), ev.val_every, run_dir / "eval.jsonl"))
+                                  build_objective(cfg.objective), ev.val_every, run_dir / "eval.jsonl",
+                                  meta.latent_shape, cfg.model.model_family() == "mmdit"))
     return out

@@ -183,12 +183,16 @@ class ValidationLoss(Callback):
         objective: The training objective (its ``loss_at``).
         interval: e.g. ``1000ba``.
         eval_file: ``eval.jsonl`` path.
+        latent_shape: The model's latent shape (validation data of another shape is refused at start).
+        text: Whether the model is text-conditioned (validated on its samples' caption embeddings).
     """
 
     def __init__(self, protocol: ValProtocol, source: tuple[str, str | None], make_net: Callable[[], torch.nn.Module],
-                 ema: EMA | None, objective, interval: str, eval_file: str | Path) -> None:
+                 ema: EMA | None, objective, interval: str, eval_file: str | Path,
+                 latent_shape: tuple[int, ...], text: bool) -> None:
         self.protocol = protocol
         self.source = source
+        self.latent_shape, self.text = tuple(latent_shape), text
         self.net = NetCopy(make_net)
         self.ema = ema
         self.objective = objective
@@ -200,23 +204,20 @@ class ValidationLoss(Callback):
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.FIT_START and self._valset is None:
-            self._load(state)  # at start: a bad validation dataset fails the run before any training
+            self._load()  # at start: a bad validation dataset fails the run before any training
         if event == Event.BATCH_END and self._due(state, event):
             self.evaluate(state, logger)
 
-    def _load(self, state: State) -> ValSet:
+    def _load(self) -> ValSet:
         if self._valset is None:
-            net = self.net.load(state, weights_to_sample(state, self.ema))
             root, split = self.source
-            self._valset = load_valset(root, self.protocol.num_samples, split,
-                                       latent_shape=(net.in_channels, *net.input_size),
-                                       text=hasattr(net, "set_null_condition"))
-            self.net.park()
+            self._valset = load_valset(root, self.protocol.num_samples, split, latent_shape=self.latent_shape,
+                                       text=self.text)
         return self._valset
 
     @torch.no_grad()
     def evaluate(self, state: State, logger: Logger) -> float:
-        valset = self._load(state)
+        valset = self._load()
         net = self.net.load(state, weights_to_sample(state, self.ema))
         net.eval()
 
