@@ -29,9 +29,9 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tread_scale.data.convert import ConvertOptions, convert  # noqa: E402
-from tread_scale.data.dataset import BatchLoader, LatentStreamingDataset, collate_latents  # noqa: E402
-from tread_scale.data.sources import NpyFolderSource  # noqa: E402
+from tread_scale.data.conversion.writer import ConvertOptions, convert  # noqa: E402
+from tread_scale.data.stream.dataset import BatchLoader, LatentStreamingDataset, collate_latents  # noqa: E402
+from tread_scale.data.conversion.sources import NpyFolderSource  # noqa: E402
 
 SHAPE = (4, 32, 32)
 CLASSES = 1000

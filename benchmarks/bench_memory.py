@@ -90,10 +90,10 @@ def main(argv=None) -> int:
     import yaml
 
     from tread_scale.config import load_config
-    from tread_scale.data.convert import ConvertOptions, convert
-    from tread_scale.data.sources import NpyFolderSource
+    from tread_scale.data.conversion.writer import ConvertOptions, convert
+    from tread_scale.data.conversion.sources import NpyFolderSource
     from tread_scale.factory import build_dit
-    from tread_scale.parallel.plan import GiB, estimate_memory
+    from tread_scale.parallel.memory import GiB, estimate_memory
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     rng = np.random.default_rng(0)

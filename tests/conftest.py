@@ -117,8 +117,8 @@ def write_npz_latents(folder: Path, n: int = 64, shape=(4, 8, 8), num_classes: i
 @pytest.fixture(scope="session")
 def latent_dataset(tmp_path_factory) -> str:
     """A local MDS dataset of 64 random 4x8x8 latents with 5 classes, in several shards."""
-    from tread_scale.data.convert import ConvertOptions, convert
-    from tread_scale.data.sources import NpyFolderSource
+    from tread_scale.data.conversion.writer import ConvertOptions, convert
+    from tread_scale.data.conversion.sources import NpyFolderSource
 
     root = tmp_path_factory.mktemp("latents")
     write_npz_latents(root / "src")

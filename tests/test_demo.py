@@ -17,7 +17,7 @@ def test_demo_job_runs_end_to_end_on_moto(tmp_path, capsys):
 
 
 def test_text_demo_job_runs_end_to_end_on_moto(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("tread_scale.data.demo.DEMO_NUM_SAMPLES", 256)  # the job reads it at call time
+    monkeypatch.setattr("tread_scale.devtools.demo_shapes.DEMO_NUM_SAMPLES", 256)  # the job reads it at call time
     monkeypatch.setattr(demo, "TEXT_ENCODERS", tmp_path / "encoders")
     monkeypatch.setattr(demo, "EVAL_MODELS", tmp_path / "eval")
     monkeypatch.setattr(demo, "DEMO_EVAL_NUM", 8)

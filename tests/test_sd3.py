@@ -184,7 +184,7 @@ def test_stable_diffusion_3_pipeline_generates_with_our_export(tmp_path):
                            StableDiffusion3Pipeline)
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
-    from tread_scale.data.text_encoder import build_tiny_text_encoder
+    from tread_scale.devtools.demo_data import build_tiny_text_encoder
     from tread_scale.sd3 import export_sd3_diffusers, import_sd3
 
     words = ["a", "red", "circle"]

@@ -14,8 +14,9 @@ from PIL import Image
 
 from tread_scale.cli import main
 from tread_scale.config import ModelConfig, RoutingConfig, to_dict
-from tread_scale.data.captions import text_plan
-from tread_scale.data.text_encoder import TextEncoder, build_tiny_text_encoder
+from tread_scale.data.conversion.captions import text_plan
+from tread_scale.data.conversion.text_encoder import TextEncoder
+from tread_scale.devtools.demo_data import build_tiny_text_encoder
 from tread_scale.errors import ConfigError
 from tread_scale.factory import build_dit, build_net
 from tread_scale.models.conditioning import TextCondition

@@ -12,8 +12,9 @@ import yaml
 
 from tread_scale.cli import main
 from tread_scale.config import ModelConfig, RoutingConfig, config_from_dict, to_dict
-from tread_scale.data.demo import demo_caption, write_captioned_demo
-from tread_scale.data.text_encoder import TextEncoder, build_tiny_text_encoder
+from tread_scale.data.conversion.text_encoder import TextEncoder
+from tread_scale.devtools.demo_data import build_tiny_text_encoder, write_captioned_demo
+from tread_scale.devtools.demo_shapes import demo_caption
 from tread_scale.diffusion.guidance import Guidance
 from tread_scale.errors import ConfigError
 from tread_scale.factory import build_dit, build_net

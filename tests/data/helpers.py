@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from streaming.base.util import clean_stale_shared_memory
 
-from tread_scale.data.dataset import LatentStreamingDataset
-from tread_scale.data.location import default_cache, stream_location
+from tread_scale.data.stream.dataset import LatentStreamingDataset
+from tread_scale.data.stream.location import default_cache, stream_location
 from tread_scale.data.metadata import read_metadata
 
 

@@ -12,14 +12,14 @@ import torch
 from streaming.base.util import clean_stale_shared_memory
 
 from tread_scale.data import object_store as s3
-from tread_scale.data.captions import CaptionDemoSource, CaptionFolderSource, CaptionNpzSource
-from tread_scale.data.convert import DONE_FILE, GROUP_DONE, ConvertOptions, convert
-from tread_scale.data.dataset import LatentStreamingDataset
-from tread_scale.data.demo import demo_caption_image, write_captioned_demo
-from tread_scale.data.location import default_cache, stream_location
-from tread_scale.data.metadata import (META_FILE, check_text_against_model, check_text_encoders, read_empty_prompt,
-                                       read_metadata)
-from tread_scale.data.text_encoder import TextEncoder, build_tiny_text_encoder, folder_hashes
+from tread_scale.data.conversion.captions import CaptionFolderSource, CaptionNpzSource
+from tread_scale.data.conversion.text_encoder import TextEncoder, check_text_encoders, folder_hashes
+from tread_scale.data.conversion.writer import DONE_FILE, GROUP_DONE, ConvertOptions, convert
+from tread_scale.data.metadata import META_FILE, check_text_against_model, read_empty_prompt, read_metadata
+from tread_scale.data.stream.dataset import LatentStreamingDataset
+from tread_scale.data.stream.location import default_cache, stream_location
+from tread_scale.devtools.demo_data import CaptionDemoSource, build_tiny_text_encoder, write_captioned_demo
+from tread_scale.devtools.demo_shapes import demo_caption_image
 from tread_scale.errors import ConfigError, DatasetError, DatasetMismatchError
 
 OPTS = dict(progress=False, shard_size="8kb")
@@ -94,7 +94,7 @@ def _assert_text_equals_encoder(batch: dict, encoded: dict) -> None:
 def test_sidecar_folder_through_a_vae_and_both_encoders(tmp_path, encoders, vae):
     from diffusers import AutoencoderKL
 
-    from tread_scale.data.sources import _load_image
+    from tread_scale.data.conversion.sources import _load_image
     from tread_scale.rng import mix_seed
 
     files, captions = _images(tmp_path / "img", 5)
@@ -240,7 +240,7 @@ def test_processes_2_write_the_same_bits_as_1_and_resume(tmp_path, encoders, vae
 
 def test_convert_images_output_does_not_depend_on_the_split(tmp_path, vae):
     """``convert images`` shares the chunked image path: groups that split a chunk write the same bits."""
-    from tread_scale.data.sources import ImageFolderSource
+    from tread_scale.data.conversion.sources import ImageFolderSource
 
     from tests.data.helpers import read_back
 
@@ -254,7 +254,7 @@ def test_convert_images_output_does_not_depend_on_the_split(tmp_path, vae):
 
 
 def test_captioned_demo_to_s3_streams_back_with_text(s3_env, tmp_path):
-    from tread_scale.data.dataset import BatchLoader
+    from tread_scale.data.stream.dataset import BatchLoader
 
     uri = f"s3://{s3_env}/captions"
     meta = write_captioned_demo(uri, str(tmp_path / "enc"), encoders=("t5", "clip"), num_samples=24, resolution=16,
@@ -389,7 +389,7 @@ def test_convert_captions_reports_the_longest_caption_and_unknown_words(tmp_path
 
 
 def test_unknown_words_of_prompts_are_named_once_per_call(encoders, caplog):
-    from tread_scale.data.text_encoder import UNKNOWN_WORDS_SHOWN
+    from tread_scale.data.conversion.text_encoder import UNKNOWN_WORDS_SHOWN
 
     encoder = TextEncoder.from_folders(t5=encoders["t5"], max_length=8)
     with caplog.at_level(logging.WARNING):
@@ -409,7 +409,7 @@ def test_unknown_words_of_prompts_are_named_once_per_call(encoders, caplog):
 
 
 def test_a_bad_manifest_line_is_named(tmp_path):
-    from tread_scale.data.captions import _read_manifest
+    from tread_scale.data.conversion.captions import _read_manifest
     from tread_scale.errors import DatasetError
 
     manifest = tmp_path / "m.jsonl"

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from tread_scale.data.convert import DONE_FILE, GROUP_DONE, ConvertOptions, convert
-from tread_scale.data.dataset import LatentStreamingDataset
-from tread_scale.data.demo import demo_image
+from tread_scale.data.conversion.writer import DONE_FILE, GROUP_DONE, ConvertOptions, convert
+from tread_scale.data.stream.dataset import LatentStreamingDataset
+from tread_scale.devtools.demo_shapes import demo_image
 from tread_scale.data.metadata import check_against_model, read_metadata
-from tread_scale.data.sources import DemoSource, ImageFolderSource, NpyFolderSource
+from tread_scale.data.conversion.sources import ImageFolderSource, NpyFolderSource
+from tread_scale.devtools.demo_data import DemoSource
 from tread_scale.errors import DatasetError, DatasetMismatchError
 
 from tests.conftest import write_npz_latents
@@ -78,7 +79,7 @@ def _png_folder(root: Path, n_per_class=3, size=16):
 
 
 def test_image_folder_pixels_skip_non_images_with_a_warning(tmp_path, caplog):
-    from tread_scale.data.sources import _load_image
+    from tread_scale.data.conversion.sources import _load_image
 
     files = _png_folder(tmp_path / "img")
     (tmp_path / "img" / "a" / "notes.txt").write_text("not an image")
@@ -110,7 +111,7 @@ def tiny_vae(tmp_path):
 def test_image_folder_through_a_local_vae(tmp_path, tiny_vae):
     from diffusers import AutoencoderKL
 
-    from tread_scale.data.sources import _load_image
+    from tread_scale.data.conversion.sources import _load_image
     from tread_scale.rng import mix_seed
 
     files = _png_folder(tmp_path / "img", n_per_class=2)

@@ -6,7 +6,7 @@ import numpy as np
 from streaming import StreamingDataset
 from streaming.base.util import clean_stale_shared_memory
 
-from tread_scale.data.dataset import LatentStreamingDataset
+from tread_scale.data.stream.dataset import LatentStreamingDataset
 
 
 def test_mapped_samples_equal_streaming_samples(latent_dataset, tmp_path):
@@ -38,7 +38,7 @@ def _epoch(data, batched, state=None):
     """One epoch through the training loader (batched) or a batching DataLoader, from ``state`` if given."""
     from torch.utils.data import DataLoader
 
-    from tread_scale.data.dataset import BatchLoader, collate_latents
+    from tread_scale.data.stream.dataset import BatchLoader, collate_latents
 
     ds = _dataset(data, batched=batched)
     if state is not None:
@@ -72,7 +72,7 @@ def test_batched_loader_yields_the_batches_a_batching_loader_yields(latent_datas
 
 def test_get_batch_equals_collated_samples_across_shards_and_when_a_shard_cannot_be_mapped(latent_dataset,
                                                                                           tmp_path, monkeypatch):
-    from tread_scale.data.dataset import collate_latents
+    from tread_scale.data.stream.dataset import collate_latents
 
     data = tmp_path / "data"
     shutil.copytree(latent_dataset, data)

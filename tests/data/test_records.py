@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from streaming.base.util import clean_stale_shared_memory
 
-from tread_scale.data.dataset import LatentStreamingDataset
-from tread_scale.data.records import finite_rows, shard_layout, shard_records
+from tread_scale.data.stream.dataset import LatentStreamingDataset
+from tread_scale.data.stream.records import finite_rows, shard_layout, shard_records
 
 
 def test_a_replaced_shard_file_is_mapped_again(latent_dataset, tmp_path):

@@ -9,9 +9,9 @@ from streaming.base.util import clean_stale_shared_memory
 from torch.utils.data import DataLoader
 
 from tread_scale.data import object_store as s3
-from tread_scale.data.convert import ConvertOptions, convert
-from tread_scale.data.dataset import LatentStreamingDataset
-from tread_scale.data.sources import DemoSource
+from tread_scale.data.conversion.writer import ConvertOptions, convert
+from tread_scale.data.stream.dataset import LatentStreamingDataset
+from tread_scale.devtools.demo_data import DemoSource
 from tread_scale.devtools.local_s3 import free_port
 from tread_scale.errors import ObjectStoreError
 

@@ -13,7 +13,8 @@ import torch
 
 from tests.data.test_captions import _images, read_all
 from tread_scale.data.metadata import adopt_text_shape, read_metadata
-from tread_scale.data.text_encoder import TextEncoder, build_tiny_text_encoder, recorded_clip_layer
+from tread_scale.data.conversion.text_encoder import TextEncoder, recorded_clip_layer
+from tread_scale.devtools.demo_data import build_tiny_text_encoder
 from tread_scale.errors import ConfigError, DatasetMismatchError
 
 WORDS = ["a", "red", "green", "blue", "square", "circle", "at", "top", "left", "bottom", "right", "and"]

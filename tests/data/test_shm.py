@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from tread_scale.data.shm import clean_dead_streaming_shm
+from tread_scale.data.stream.shm import clean_dead_streaming_shm
 
 
 def test_dead_prefixes_go_and_live_ones_stay(tmp_path):

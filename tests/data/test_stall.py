@@ -23,8 +23,8 @@ from streaming.base.util import clean_stale_shared_memory
 
 from tests.conftest import REPO
 from tread_scale.compat.streaming import set_shard_state
-from tread_scale.data.dataset import BatchLoader, LatentStreamingDataset
-from tread_scale.data.location import compressed_shards, stream_location
+from tread_scale.data.stream.dataset import BatchLoader, LatentStreamingDataset
+from tread_scale.data.stream.location import compressed_shards, stream_location
 from tread_scale.errors import DatasetError, DataStallError
 
 
@@ -76,8 +76,8 @@ def test_uncompressed_local_dataset_is_read_in_place(latent_dataset, tmp_path):
 
 _NODE = textwrap.dedent("""
     import sys, time
-    from tread_scale.data.dataset import BatchLoader, LatentStreamingDataset
-    from tread_scale.data.location import stream_location
+    from tread_scale.data.stream.dataset import BatchLoader, LatentStreamingDataset
+    from tread_scale.data.stream.location import stream_location
     data, node, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
     ds = LatentStreamingDataset(latent_shape=(4, 8, 8), num_classes=5, batched=True, batch_size=2, shuffle=True,
                                 predownload=4, stall_timeout=30, **stream_location(data, data + "-cache/node" + node))
@@ -95,8 +95,8 @@ def test_two_emulated_nodes_share_a_compressed_dataset_folder(tmp_path):
     rename, or silently ended its epoch with no batch at all.
     """
     from tests.conftest import write_npz_latents
-    from tread_scale.data.convert import ConvertOptions, convert
-    from tread_scale.data.sources import NpyFolderSource
+    from tread_scale.data.conversion.writer import ConvertOptions, convert
+    from tread_scale.data.conversion.sources import NpyFolderSource
 
     write_npz_latents(tmp_path / "src", n=256)
     data = tmp_path / "data"

@@ -5,7 +5,7 @@ import pytest
 from streaming.base.dataset import _Iterator
 from streaming.base.util import clean_stale_shared_memory
 
-from tread_scale.data.dataset import LatentStreamingDataset
+from tread_scale.data.stream.dataset import LatentStreamingDataset
 
 
 @pytest.mark.parametrize("thread", ["_prepare_thread", "_ready_thread"])

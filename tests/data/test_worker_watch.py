@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from tread_scale.data.dataset import BatchLoader, LatentStreamingDataset
+from tread_scale.data.stream.dataset import BatchLoader, LatentStreamingDataset
 from tread_scale.errors import DataStallError
 
 

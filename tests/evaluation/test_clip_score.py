@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tread_scale.data.text_encoder import build_tiny_text_encoder
+from tread_scale.devtools.demo_data import build_tiny_text_encoder
 from tread_scale.errors import ConfigError
 from tread_scale.evaluation.clip_score import CONVENTION, CLIPScorer, build_tiny_clip
 

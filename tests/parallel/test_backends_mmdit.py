@@ -75,7 +75,7 @@ pytestmark = pytest.mark.slow  # one 2-rank launch of 1.5-3 min on a 2-core CPU 
 @pytest.fixture(scope="module")
 def captioned(tmp_path_factory) -> str:
     """The captioned demo at 8x8 pixels: 64 samples, a tiny T5 (16 tokens of width 32, mostly padding)."""
-    from tread_scale.data.demo import write_captioned_demo
+    from tread_scale.devtools.demo_data import write_captioned_demo
 
     root = tmp_path_factory.mktemp("captioned")
     write_captioned_demo(str(root / "data"), str(root / "enc"), num_samples=64, resolution=8, shard_size="16kb")

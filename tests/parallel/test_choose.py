@@ -12,7 +12,8 @@ from tread_scale.cli import main
 from tread_scale.config import load_config
 from tread_scale.errors import ConfigError
 from tread_scale.models import DiT
-from tread_scale.parallel.plan import activation_bytes, backward_transient_bytes, dry_run
+from tread_scale.parallel.memory import activation_bytes, backward_transient_bytes
+from tread_scale.parallel.plan import dry_run
 from tread_scale.parallel.scaling import Assumptions
 
 from tests.conftest import REPO

@@ -8,7 +8,9 @@ from tread_scale.config import load_config
 from tread_scale.models import DiT
 from tread_scale.models.conditioning import TextCondition
 from tread_scale.models.mmdit import MMDiT
-from tread_scale.parallel.plan import activation_bytes, dry_run, model_flops
+from tread_scale.models.flops import model_flops
+from tread_scale.parallel.memory import activation_bytes
+from tread_scale.parallel.plan import dry_run
 from tread_scale.routing import Route, TokenRouter
 
 from tests.conftest import REPO
@@ -84,7 +86,7 @@ def test_sharding_shrinks_the_estimate():
     base = REPO / "yamls" / "tread_xl2.yaml"
 
     def total(*over):
-        from tread_scale.parallel.plan import estimate_memory
+        from tread_scale.parallel.memory import estimate_memory
         from tread_scale.factory import build_dit
 
         cfg = load_config(base, list(over))
@@ -132,7 +134,7 @@ def test_dry_run_counts_host_memory_of_a_checkpoint_save():
     """Saving under DeepSpeed writes each rank's EMA fragments (no rank gathers the EMA); DDP gathers it on
     every rank; the EMA export is streamed through rank 0 (about one tensor) under every backend."""
     from tread_scale.factory import build_dit
-    from tread_scale.parallel.plan import GiB, estimate_memory
+    from tread_scale.parallel.memory import GiB, estimate_memory
 
     base = REPO / "yamls" / "tread_xl2.yaml"
 

@@ -10,9 +10,9 @@ import torch
 from streaming.base.util import clean_stale_shared_memory
 
 from tread_scale.config import config_from_dict
-from tread_scale.data.convert import ConvertOptions, convert
-from tread_scale.data.dataset import LatentStreamingDataset
-from tread_scale.data.sources import NpyFolderSource
+from tread_scale.data.conversion.writer import ConvertOptions, convert
+from tread_scale.data.stream.dataset import LatentStreamingDataset
+from tread_scale.data.conversion.sources import NpyFolderSource
 from tread_scale.errors import CheckpointError, ConfigError, DatasetError, DatasetMismatchError, RouteError
 from tread_scale.trainer.builder import build_trainer, train
 from tread_scale.trainer.callbacks.nonfinite import TrainingDivergedError

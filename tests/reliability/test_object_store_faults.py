@@ -14,8 +14,8 @@ import yaml
 from tests.conftest import REPO, tiny_run_cfg, write_npz_latents
 from tests.reliability.faulty_proxy import CuttingProxy
 from tread_scale.data import object_store as s3
-from tread_scale.data.convert import ConvertOptions, convert
-from tread_scale.data.sources import NpyFolderSource
+from tread_scale.data.conversion.writer import ConvertOptions, convert
+from tread_scale.data.conversion.sources import NpyFolderSource
 from tread_scale.devtools import local_s3
 
 
@@ -163,7 +163,7 @@ def test_failed_shard_download_does_not_leave_readers_waiting(own_s3, tmp_path):
     from streaming.base.dataset import _ShardState
     from streaming.base.util import clean_stale_shared_memory
 
-    from tread_scale.data.dataset import LatentStreamingDataset
+    from tread_scale.data.stream.dataset import LatentStreamingDataset
     from tread_scale.errors import ObjectStoreError
 
     uri = "s3://faults/stuck"

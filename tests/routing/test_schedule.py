@@ -67,7 +67,8 @@ def test_dry_run_reports_the_stages_and_the_run_mean_of_training_flops():
 
     from tread_scale.config import load_config
     from tread_scale.factory import build_net
-    from tread_scale.parallel.plan import dry_run, model_flops
+    from tread_scale.models.flops import model_flops
+    from tread_scale.parallel.plan import dry_run
 
     from tests.conftest import REPO
 

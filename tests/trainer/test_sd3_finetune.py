@@ -37,7 +37,7 @@ def test_imported_sd3_finetunes_from_s3_resumes_exactly_after_sigkill_and_export
     from diffusers import SD3Transformer2DModel
 
     from tread_scale.data.metadata import read_empty_prompt, read_metadata
-    from tread_scale.data.text_encoder import build_tiny_text_encoder
+    from tread_scale.devtools.demo_data import build_tiny_text_encoder
     from tread_scale.diffusion.guidance import Guidance
     from tread_scale.errors import ConfigError
     from tread_scale.models import TextCondition

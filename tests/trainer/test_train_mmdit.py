@@ -29,8 +29,8 @@ def _captioned_images(root: Path, encoder: Path) -> None:
     the captions' words."""
     from PIL import Image
 
-    from tread_scale.data.demo import demo_caption
-    from tread_scale.data.text_encoder import build_tiny_text_encoder
+    from tread_scale.devtools.demo_shapes import demo_caption
+    from tread_scale.devtools.demo_data import build_tiny_text_encoder
 
     rng = np.random.default_rng(0)
     for i in range(NUM_IMAGES):
@@ -57,7 +57,7 @@ def _cfg(data: str, out: Path, steps: int, **train_over) -> dict:
 
 @pytest.mark.slow  # ~40 s of CPU (3 short trainings, 2 with S3 checkpoints, a conversion, sampling)
 def test_captions_to_s3_then_mmdit_streams_checkpoints_and_resumes_exactly_from_s3(s3_env, tmp_path, capsys):
-    from tread_scale.data.demo import demo_caption
+    from tread_scale.devtools.demo_shapes import demo_caption
     from tread_scale.models.mmdit import MMDiT
     from tread_scale.sampling import load_net
 

@@ -4,8 +4,8 @@ import shutil
 
 from tread_scale.config import config_from_dict
 from tread_scale.data import object_store as s3
-from tread_scale.data.convert import ConvertOptions, convert
-from tread_scale.data.sources import NpyFolderSource
+from tread_scale.data.conversion.writer import ConvertOptions, convert
+from tread_scale.data.conversion.sources import NpyFolderSource
 from tread_scale.trainer.builder import build_trainer, train
 
 from tests.conftest import tiny_run_cfg, write_npz_latents

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from tread_scale.data.demo import (DEMO_CAPTION_MAX_LENGTH, DEMO_CAPTION_RESOLUTION, DEMO_NUM_CLASSES,
-                                   DEMO_NUM_SAMPLES, DEMO_RESOLUTION)
+from tread_scale.devtools.demo_shapes import (DEMO_CAPTION_MAX_LENGTH, DEMO_CAPTION_RESOLUTION, DEMO_NUM_CLASSES,
+                                              DEMO_NUM_SAMPLES, DEMO_RESOLUTION)
 
 NAME = "convert"
 log = logging.getLogger(__name__)
@@ -97,8 +97,8 @@ def _captions_source(args: argparse.Namespace):
     """The captioned source ``args`` describe (raising :class:`ConfigError` for a wrong combination)."""
     from pathlib import Path
 
-    from tread_scale.data.captions import CaptionFolderSource, CaptionNpzSource
-    from tread_scale.data.sources import IMAGE_SUFFIXES
+    from tread_scale.data.conversion.captions import CaptionFolderSource, CaptionNpzSource
+    from tread_scale.data.conversion.sources import IMAGE_SUFFIXES
     from tread_scale.errors import ConfigError
 
     fmt = args.format
@@ -130,15 +130,15 @@ def _captions_source(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Convert the chosen source; logs what the dataset holds."""
-    from tread_scale.data.convert import ConvertOptions, convert
-    from tread_scale.data.sources import DemoSource, ImageFolderSource, NpyFolderSource
+    from tread_scale.data.conversion.writer import ConvertOptions, convert
+    from tread_scale.data.conversion.sources import ImageFolderSource, NpyFolderSource
+    from tread_scale.devtools.demo_data import DemoSource
 
     opts = ConvertOptions(processes=args.processes, group_size=args.group_size, shard_size=args.shard_size,
                           compression=args.compression, work_dir=args.work_dir, overwrite=args.overwrite,
                           progress=not args.no_progress)
     if args.source == "demo" and args.captions:
-        from tread_scale.data.captions import CaptionDemoSource
-        from tread_scale.data.demo import prepare_demo_encoders
+        from tread_scale.devtools.demo_data import CaptionDemoSource, prepare_demo_encoders
 
         folders = prepare_demo_encoders(args.encoder_dir, [k.strip() for k in args.encoders.split(",") if k.strip()])
         source = CaptionDemoSource(num_samples=args.num_samples, resolution=args.resolution or DEMO_CAPTION_RESOLUTION,

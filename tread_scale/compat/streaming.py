@@ -2,7 +2,7 @@
 
 mosaicml-streaming is frozen at 0.13.0 (it pins ``numpy<2.2``; no release since), so fixes live here, in
 :class:`PatchedStreamingDataset`, a ``StreamingDataset`` subclass (never a wrapper: Composer saves and
-restores its position through ``state_dict``). Domain code (:mod:`tread_scale.data.dataset`) subclasses it
+restores its position through ``state_dict``). Domain code (:mod:`tread_scale.data.stream.dataset`) subclasses it
 and uses only the public methods defined here. Each patch, upstream vs. here:
 
 * ``__init__``: upstream keeps the boto3 client that fetched ``index.json``; forked DataLoader workers
@@ -37,7 +37,7 @@ from streaming.base.constant import TICK
 from streaming.base.dataset import _ShardState
 
 from tread_scale.cluster.diagnostics import dump_threads, whereabouts
-from tread_scale.data.worker_watch import note
+from tread_scale.data.stream.worker_watch import note
 from tread_scale.errors import DatasetError, DataStallError
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from tread_scale.data.object_store import join_uri, read_bytes
-from tread_scale.errors import ConfigError, DatasetError, DatasetMismatchError
+from tread_scale.errors import DatasetError, DatasetMismatchError
 
 META_FILE = "tread_meta.json"
 FORMAT = "tread-latents/1"
@@ -40,7 +42,7 @@ class TextMetadata:
         truncated: Captions that had more tokens than an encoder's length (cut at conversion).
         clipped: Captions longer than ``caption_bytes`` (the stored string is cut; embeddings are not).
         layout: How the encoders' outputs combine: ``concat`` or ``sd3`` (SD3's CLIP-L + CLIP-G + T5 layout;
-            :mod:`tread_scale.data.text_encoder`).
+            :mod:`tread_scale.data.conversion.text_encoder`).
         longest_tokens: Encoder kind → the most tokens a caption had before truncation (special tokens
             included, as ``max_length`` counts them); empty where unknown (precomputed embeddings, datasets
             converted before it was recorded).
@@ -63,7 +65,7 @@ class TextMetadata:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        """``(seq_len, emb_dim, pooled_dim)``: what :class:`~tread_scale.data.dataset.LatentStreamingDataset`
+        """``(seq_len, emb_dim, pooled_dim)``: what :class:`~tread_scale.data.stream.dataset.LatentStreamingDataset`
         takes as ``text_shape``."""
         return (self.seq_len, self.emb_dim, self.pooled_dim)
 
@@ -219,59 +221,31 @@ def adopt_text_shape(model, meta: LatentMetadata, where: str) -> None:
     check_text_against_model(meta, emb_dim=model.text_dim, pooled_dim=model.pooled_dim, where=where)
 
 
-def check_text_encoders(text: TextMetadata | LatentMetadata | None, *, t5: str | None = None,
-                        clip: str | None = None, clip_l: str | None = None, clip_g: str | None = None,
-                        where: str = "the dataset") -> None:
-    """Check that local encoder folders are the encoders a captioned dataset was converted with.
+def text_columns(text: TextMetadata) -> dict[str, str]:
+    """The MDS columns of a captioned dataset, besides ``latent``, ``label`` and ``id``."""
+    return {"text_emb": f"ndarray:float16:{text.seq_len},{text.emb_dim}", "text_mask": f"ndarray:uint8:{text.seq_len}",
+            "text_pooled": f"ndarray:float16:{text.pooled_dim}", "caption": f"ndarray:uint8:{text.caption_bytes}"}
 
-    Training calls this at start when it is given encoders (to encode prompts for sample grids), sampling
-    before it encodes prompts. Compares the kinds and the content hashes of the weight and tokenizer
-    files (hashing reads every weight byte once per process).
 
-    Args:
-        text: The dataset's metadata or its ``text`` section.
-        t5: Local T5 folder, if any.
-        clip: Local CLIP folder, if any.
-        clip_l: Local CLIP-L folder, if any (SD3's layout).
-        clip_g: Local CLIP-G folder, if any (SD3's layout).
-        where: The dataset, for messages.
+def encode_caption(caption: str, width: int) -> tuple[np.ndarray, bool]:
+    """A caption as ``width`` zero-padded UTF-8 bytes (cut at a character boundary); and whether it was cut."""
+    raw = caption.encode("utf-8")
+    clipped = len(raw) > width
+    if clipped:
+        raw = raw[:width].decode("utf-8", errors="ignore").encode("utf-8")
+    row = np.zeros(width, np.uint8)
+    row[:len(raw)] = np.frombuffer(raw, np.uint8)
+    return row, clipped
 
-    Raises:
-        DatasetMismatchError: If the dataset has no text section.
-        ConfigError: Naming the encoder, the folder and both hashes (or the kinds) that differ.
-    """
-    from tread_scale.data.text_encoder import encoder_flag, inspect_encoder
 
-    if isinstance(text, LatentMetadata):
-        text = text.text
-    if text is None:
-        raise DatasetMismatchError(f"{where} has no text embeddings (converted without captions), so no text encoder "
-                                   "can match it")
-    given = {k: f for k, f in (("t5", t5), ("clip", clip), ("clip_l", clip_l), ("clip_g", clip_g)) if f is not None}
-    recorded = {e["kind"]: e for e in text.encoders}
-    if not recorded:
-        raise ConfigError(f"{where} holds precomputed text embeddings and records no encoders, so encoders "
-                          f"{sorted(given)} cannot be checked against it; re-convert with the encoders to record them")
-    if set(given) != set(recorded):
-        had = ", ".join(f"{k}={e['name']}" for k, e in recorded.items())
-        got = ", ".join(f"{k}={v}" for k, v in given.items()) or "none"
-        raise ConfigError(f"{where} was converted with text encoder(s) {had}, but {got} were given; give exactly "
-                          + " ".join(encoder_flag(k) for k in sorted(recorded)))
-    for kind, folder in given.items():
-        info, rec = inspect_encoder(folder, kind), recorded[kind]
-        for field_name in ("weights_sha256", "tokenizer_sha256"):
-            got, want = getattr(info, field_name), rec[field_name]
-            if got != want:
-                what = field_name.split("_")[0]
-                raise ConfigError(f"{kind} encoder {folder!r}: its {what} (sha256 {got[:16]}…) differ from those of "
-                                  f"{rec['name']!r} that {where} was converted with (sha256 {want[:16]}…); use "
-                                  "the same encoder folder, or re-convert the dataset")
+def decode_captions(rows: np.ndarray) -> list[str]:
+    """Stored ``caption`` rows ``(B, N)`` (or one row ``(N,)``) back to strings."""
+    rows = np.atleast_2d(np.asarray(rows, np.uint8))
+    return [r.tobytes().rstrip(b"\0").decode("utf-8", errors="replace") for r in rows]
 
 
 def empty_prompt_digest(arrays: dict[str, Any]) -> str:
     """sha256 of the empty prompt's arrays (names, dtypes, shapes and bytes; not the npz file's bytes)."""
-    import numpy as np
-
     h = hashlib.sha256()
     for name in ("text_emb", "text_mask", "text_pooled"):
         a = np.ascontiguousarray(arrays[name])
@@ -295,7 +269,6 @@ def read_empty_prompt(root: str, meta: LatentMetadata | None = None) -> dict[str
         DatasetError: If the dataset has no text, the file is missing, or its content differs from the
             hash in the metadata.
     """
-    import numpy as np
     import torch
 
     if not isinstance(root, str):

@@ -19,6 +19,7 @@ The demo starts over each time (its run folder is replaced). Extra ``key=value``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -75,23 +76,31 @@ def _fresh(cfg) -> None:
         shutil.rmtree(cfg.run_dir)
 
 
+@contextlib.contextmanager
+def _demo_bucket(cfg):
+    """A fresh run folder and the embedded S3 server (moto) with the demo bucket, its endpoint in the environment."""
+    from tread_scale.devtools import local_s3
+
+    _fresh(cfg)
+    with local_s3.start("moto", log_dir=REPO / ".cache") as server:
+        os.environ.update(server.client_env())
+        server.create_bucket(BUCKET)
+        log.info("S3 server (moto) at %s, bucket %s", server.endpoint, BUCKET)
+        yield server
+
+
 def _class_demo(overrides: list[str]) -> list[str]:
     from tread_scale.config import load_config
-    from tread_scale.data.convert import ConvertOptions, convert
-    from tread_scale.data.demo import DEMO_NUM_SAMPLES
-    from tread_scale.data.sources import DemoSource
-    from tread_scale.devtools import local_s3
+    from tread_scale.data.conversion.writer import ConvertOptions, convert
+    from tread_scale.devtools.demo_shapes import DEMO_NUM_SAMPLES
+    from tread_scale.devtools.demo_data import DemoSource
     from tread_scale.diffusion.guidance import Guidance
     from tread_scale.sampling import sample_to_folder
     from tread_scale.trainer.builder import train
 
     t0 = time.time()
     cfg = load_config(REPO / "yamls" / "demo.yaml", [f"data.remote={DATA}", *overrides])
-    _fresh(cfg)
-    with local_s3.start("moto", log_dir=REPO / ".cache") as server:
-        os.environ.update(server.client_env())
-        server.create_bucket(BUCKET)
-        log.info("S3 server (moto) at %s, bucket %s", server.endpoint, BUCKET)
+    with _demo_bucket(cfg):
         t_data = time.time()
         source = DemoSource(num_samples=DEMO_NUM_SAMPLES, resolution=cfg.model.input_size,
                             num_classes=cfg.model.num_classes)
@@ -118,8 +127,8 @@ def _class_demo(overrides: list[str]) -> list[str]:
 
 def _text_demo(overrides: list[str]) -> list[str]:
     from tread_scale.config import load_config
-    from tread_scale.data.demo import DEMO_NUM_SAMPLES, prepare_demo_encoders, write_captioned_demo
-    from tread_scale.devtools import local_s3
+    from tread_scale.devtools.demo_data import prepare_demo_encoders, write_captioned_demo
+    from tread_scale.devtools.demo_shapes import DEMO_NUM_SAMPLES
     from tread_scale.diffusion.guidance import Guidance
     from tread_scale.sampling import sample_to_folder
     from tread_scale.trainer.builder import train
@@ -128,11 +137,7 @@ def _text_demo(overrides: list[str]) -> list[str]:
     encoders = prepare_demo_encoders(str(TEXT_ENCODERS))  # before the config: it checks that text.t5 exists
     cfg = load_config(REPO / "yamls" / "mmdit_demo.yaml",
                       [f"data.remote={TEXT_DATA}", f"text.t5={encoders['t5']}", *overrides])
-    _fresh(cfg)
-    with local_s3.start("moto", log_dir=REPO / ".cache") as server:
-        os.environ.update(server.client_env())
-        server.create_bucket(BUCKET)
-        log.info("S3 server (moto) at %s, bucket %s", server.endpoint, BUCKET)
+    with _demo_bucket(cfg):
         t_data = time.time()
         meta = write_captioned_demo(TEXT_DATA, str(TEXT_ENCODERS), num_samples=DEMO_NUM_SAMPLES,
                                     resolution=cfg.model.input_size, processes=2, shard_size="1mb")
@@ -176,7 +181,7 @@ def _text_scores(run_dir: Path, steps: int, guidance) -> dict:
     written with their protocol to ``<run>/final/scores.json``."""
     import json
 
-    from tread_scale.data.demo import demo_caption
+    from tread_scale.devtools.demo_shapes import demo_caption
     from tread_scale.devtools.eval_models import demo_eval_models
     from tread_scale.evaluation.fid import fid_of_weights
 

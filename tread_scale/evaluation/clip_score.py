@@ -199,7 +199,7 @@ class CLIPScorer:
     # ------------------------------------------------------------------------------------------------ record
     def describe(self) -> dict:
         """Facts to store with a CLIP score: which CLIP (folder and weights hash), its sizes, the convention."""
-        from tread_scale.data.text_encoder import _hash_files
+        from tread_scale.data.conversion.text_encoder import _hash_files
 
         files = sorted(p for p in self.folder.resolve().rglob("*") if p.is_file())
         weights = [p for p in files if p.name.endswith(_WEIGHT_SUFFIXES)]
@@ -257,7 +257,7 @@ def build_tiny_clip(folder: str | os.PathLike, seed: int = 0, vocab: Sequence[st
 
     For tests and the demo: text and vision widths 32, 2 layers, 4 heads, projection 16, 32x32 input in 8x8
     patches, 77 text positions. The tokenizer is the whole-word one of
-    :func:`~tread_scale.data.text_encoder.build_tiny_text_encoder` (nothing is downloaded); the image processor
+    :func:`~tread_scale.devtools.demo_data.build_tiny_text_encoder` (nothing is downloaded); the image processor
     resizes the shortest edge to 32 and centre-crops 32x32 with OpenAI's mean and std. Deterministic.
 
     Args:
@@ -270,10 +270,10 @@ def build_tiny_clip(folder: str | os.PathLike, seed: int = 0, vocab: Sequence[st
     """
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from tread_scale.data.text_encoder import _CLIP_SPECIALS, _word_tokenizer
+    from tread_scale.data.conversion.text_encoder import _CLIP_SPECIALS, _word_tokenizer
 
     if vocab is None:
-        from tread_scale.data.demo import DEMO_CAPTION_VOCAB
+        from tread_scale.devtools.demo_shapes import DEMO_CAPTION_VOCAB
 
         vocab = DEMO_CAPTION_VOCAB
     tok, ids = _word_tokenizer(list(vocab) + [",", "."], _CLIP_SPECIALS, "<|startoftext|> $A <|endoftext|>", 77,

@@ -92,8 +92,8 @@ def dataset_images(root: str, cache: str | None, decode: Callable[[torch.Tensor]
     """This rank's share of an MDS dataset as uint8 NHWC images (decoded when ``decode`` is given)."""
     from streaming.base.util import clean_stale_shared_memory
 
-    from tread_scale.data.dataset import LatentStreamingDataset
-    from tread_scale.data.location import default_cache, stream_location
+    from tread_scale.data.stream.dataset import LatentStreamingDataset
+    from tread_scale.data.stream.location import default_cache, stream_location
     from tread_scale.data.metadata import read_metadata
     from tread_scale.imaging import to_uint8
 
@@ -114,7 +114,7 @@ def dataset_images(root: str, cache: str | None, decode: Callable[[torch.Tensor]
 
 def folder_images(folder: str, resolution: int, batch_size: int, limit: int | None) -> Iterator[np.ndarray]:
     """This rank's share of the images under ``folder`` (recursively), centre-cropped to ``resolution``."""
-    from tread_scale.data.sources import IMAGE_SUFFIXES, _load_image
+    from tread_scale.data.conversion.sources import IMAGE_SUFFIXES, _load_image
 
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:

@@ -125,7 +125,7 @@ def load_valset(remote: str, num_samples: int, split: str | None = None,
         DatasetError: If the dataset cannot be read, its latents have another shape, it lacks the text
             columns a text model needs, or a latent is not finite.
     """
-    from tread_scale.data.direct import read_first_samples
+    from tread_scale.data.stream.direct import read_first_samples
 
     where = f"{remote}/{split}" if split else remote
     cols = ("latent", "text_emb", "text_mask", "text_pooled") if text else ("latent", "label")

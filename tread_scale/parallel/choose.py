@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from tread_scale.errors import ConfigError
 from tread_scale.models.flops import Flops
+from tread_scale.parallel.memory import estimate_memory
 from tread_scale.parallel.scaling import Assumptions, comm_seconds, comm_shape
 
 GiB = 1024**3
@@ -58,8 +59,6 @@ def _divisors(n: int) -> list[int]:
 
 
 def _memory(cfg, net, world_size: int, microbatch: int, checkpointing: bool) -> float:
-    from tread_scale.parallel.plan import estimate_memory
-
     par = dataclasses.replace(cfg.parallelism, activation_checkpointing=checkpointing)
     return estimate_memory(dataclasses.replace(cfg, parallelism=par), net, world_size, microbatch, True).total
 

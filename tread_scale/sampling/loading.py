@@ -87,7 +87,7 @@ def make_decoder(vae: str | None, data_vae: str = "none", device: torch.device |
         ConfigError: If ``vae`` is not a loadable local VAE folder.
     """
     if vae:
-        from tread_scale.data.vae import decode, load_vae
+        from tread_scale.data.conversion.vae import decode, load_vae
 
         model = load_vae(vae, device or "cpu")
 

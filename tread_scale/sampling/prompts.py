@@ -95,8 +95,8 @@ def encode_prompts(prompts: Sequence[str], text_meta, *, t5: str | None = None, 
     Raises:
         ConfigError: If no prompt is given, a folder is missing, or the encoders are not the recorded ones.
     """
-    from tread_scale.data.metadata import check_text_encoders
-    from tread_scale.data.text_encoder import TextEncoder, encoder_flag, recorded_clip_layer
+    from tread_scale.data.conversion.text_encoder import check_text_encoders
+    from tread_scale.data.conversion.text_encoder import TextEncoder, encoder_flag, recorded_clip_layer
 
     prompts = [str(p) for p in prompts]
     if not prompts:
@@ -145,8 +145,8 @@ def dataset_prompts(remote: str, n: int, split: str | None = None) -> PromptSet:
     Raises:
         DatasetError: If the dataset is missing, has no captions or cannot be read.
     """
-    from tread_scale.data.captions import decode_captions
-    from tread_scale.data.direct import read_first_samples
+    from tread_scale.data.metadata import decode_captions
+    from tread_scale.data.stream.direct import read_first_samples
 
     samples = read_first_samples(remote, n, split, columns=("caption", "text_emb"),
                                  hint=" (not a captioned dataset: `tread-scale convert captions` writes them)")

@@ -102,7 +102,7 @@ def train(cfg: RunConfig, *, owns_process: bool = False) -> TrainResult:
     """Train per ``cfg`` (resuming automatically when a checkpoint of the same run exists).
 
     Every wait is bounded: the barriers at the start and end (``train.barrier_timeout``, naming absent
-    ranks), each batch from the DataLoader workers (:mod:`tread_scale.data.worker_watch`), every other
+    ranks), each batch from the DataLoader workers (:mod:`tread_scale.data.stream.worker_watch`), every other
     collective (``train.collective_timeout``). However training ends, the DataLoader workers (and, when
     ``owns_process``, any other child process started since) are ended within a bound (``SIGKILL`` if need
     be), so nothing on the way out waits on a child that cannot answer. A rank that fails leaves its error for its peers

@@ -40,7 +40,8 @@ def adopt_text_widths(cfg: RunConfig, meta: LatentMetadata) -> None:
         DatasetMismatchError: If the dataset has no captions or its widths or length differ from the model's.
         ConfigError: If the ``text`` section's encoders are not the ones the dataset was converted with.
     """
-    from tread_scale.data.metadata import adopt_text_shape, check_text_encoders
+    from tread_scale.data.conversion.text_encoder import check_text_encoders
+    from tread_scale.data.metadata import adopt_text_shape
 
     where = cfg.data.remote
     adopt_text_shape(cfg.model, meta, where)
@@ -51,12 +52,12 @@ def adopt_text_widths(cfg: RunConfig, meta: LatentMetadata) -> None:
 def build_dataloader(cfg: RunConfig, meta: LatentMetadata, batch_size: int) -> DataLoader:
     """The training DataLoader over a batched :class:`LatentStreamingDataset` (never wrapped).
 
-    Each node reads through its own cache folder (:mod:`tread_scale.data.location`).
+    Each node reads through its own cache folder (:mod:`tread_scale.data.stream.location`).
     """
     from composer.utils import dist
 
-    from tread_scale.data.dataset import BatchLoader, LatentStreamingDataset
-    from tread_scale.data.location import stream_location
+    from tread_scale.data.stream.dataset import BatchLoader, LatentStreamingDataset
+    from tread_scale.data.stream.location import stream_location
 
     d = cfg.data
     if not s3.is_s3(d.remote) and not Path(d.remote, "index.json").is_file():

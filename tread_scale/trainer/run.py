@@ -67,7 +67,7 @@ def start_run(cfg: RunConfig) -> RunContext:
     from composer.utils import dist, get_device
     from streaming.base.util import clean_stale_shared_memory
 
-    from tread_scale.data.shm import clean_dead_streaming_shm
+    from tread_scale.data.stream.shm import clean_dead_streaming_shm
 
     device = composer_device(resolve_device(cfg.train.device, setting="train.device"))
     precision = resolve_precision(cfg.train.precision, device)

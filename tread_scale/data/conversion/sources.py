@@ -11,13 +11,12 @@ import csv
 import hashlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tread_scale.data.demo import DEMO_NUM_CLASSES, DEMO_NUM_SAMPLES, DEMO_RESOLUTION
 from tread_scale.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -93,40 +92,6 @@ def files_stamp(files: Sequence[Path]) -> str:
         st = p.stat()
         h.update(f"{p.as_posix()}\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
     return h.hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------- demo
-@dataclass
-class DemoSource(Source):
-    """The built-in procedural shapes (:mod:`tread_scale.data.demo`), in pixel space.
-
-    The defaults (4096 samples of 3x16x16, 6 classes) fit ``yamls/demo.yaml``'s model.
-    """
-
-    num_samples: int = DEMO_NUM_SAMPLES
-    resolution: int = DEMO_RESOLUTION
-    seed: int = 0
-    num_classes: int = DEMO_NUM_CLASSES
-    kind = "demo"
-
-    def describe(self) -> dict:
-        return {"kind": self.kind, "num_samples": self.num_samples, "resolution": self.resolution,
-                "seed": self.seed, "num_classes": self.num_classes}
-
-    def plan(self) -> Plan:
-        from tread_scale.data.demo import DEMO_CLASSES
-
-        if self.num_samples < 1:
-            raise DatasetError(f"demo: num_samples must be >= 1, got {self.num_samples}")
-        names = [n for n, _ in DEMO_CLASSES[: self.num_classes]]
-        return Plan(list(range(self.num_samples)), (3, self.resolution, self.resolution), self.num_classes, names)
-
-    def load(self, items: Sequence[tuple[int, int]], plan: Plan) -> Iterator[Sample]:
-        from tread_scale.data.demo import demo_image
-
-        for item_id, index in items:
-            img, label = demo_image(index, self.resolution, self.seed, self.num_classes)
-            yield Sample(item_id, img, label)
 
 
 # --------------------------------------------------------------------------- .npy / .npz folder
@@ -285,7 +250,7 @@ class ImageEncoder:
     def __init__(self, vae: str, device: str, seed: int) -> None:
         self.device, self.seed, self.vae = device, seed, None
         if vae != "none":
-            from tread_scale.data.vae import load_vae
+            from tread_scale.data.conversion.vae import load_vae
 
             self.vae = load_vae(vae, device)
 
@@ -294,7 +259,7 @@ class ImageEncoder:
             return pixels
         import torch
 
-        from tread_scale.data.vae import encode
+        from tread_scale.data.conversion.vae import encode
         from tread_scale.rng import mix_seed
 
         gen = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, chunk_start))
@@ -313,7 +278,7 @@ def vae_plan(vae: str, resolution: int) -> dict:
     """
     if vae == "none":
         return {"latent_shape": (3, resolution, resolution)}
-    from tread_scale.data.vae import load_vae, vae_downsample, vae_scaling_factor
+    from tread_scale.data.conversion.vae import load_vae, vae_downsample, vae_scaling_factor
 
     model = load_vae(vae)
     f = vae_downsample(model)

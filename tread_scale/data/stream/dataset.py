@@ -6,7 +6,7 @@ internals; never a wrapper, so Composer can save and restore its position). It c
 against the model before training starts.
 
 Training reads it ``batched`` through :class:`BatchLoader`: a worker reads a whole batch per shard with one
-fancy index over a memory map (:mod:`tread_scale.data.records`); the batches, their order and resumption
+fancy index over a memory map (:mod:`tread_scale.data.stream.records`); the batches, their order and resumption
 are exactly those of a ``DataLoader(batch_size=…, drop_last=True)`` over the same dataset (tested).
 
 Captioned datasets (``tread-scale convert captions``) read with ``text_shape`` set also carry ``text_emb``,
@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader
 
 from tread_scale.compat.streaming import PatchedStreamingDataset
 from tread_scale.data.metadata import parse_ndarray_encoding
-from tread_scale.data.captions import decode_captions
-from tread_scale.data.records import TEXT_COLUMNS, finite_rows, shard_layout, shard_records
-from tread_scale.data.worker_watch import WorkerWatch, batch_wait_bound, describe_ids, note, watched
+from tread_scale.data.metadata import decode_captions
+from tread_scale.data.stream.records import TEXT_COLUMNS, finite_rows, shard_layout, shard_records
+from tread_scale.data.stream.worker_watch import WorkerWatch, batch_wait_bound, describe_ids, note, watched
 from tread_scale.errors import DatasetError, DatasetMismatchError, ObjectStoreError
 
 log = logging.getLogger(__name__)
@@ -289,8 +289,8 @@ class BatchLoader(DataLoader):
     The dataset collates, so this loader only moves whole batches (through workers and pinned memory);
     its length is the number of batches, as a batching ``DataLoader`` with ``drop_last`` reports it.
 
-    With workers, the wait for each batch is bounded (:mod:`tread_scale.data.worker_watch`): no batch
-    within ``batch_timeout`` seconds (default :func:`~tread_scale.data.worker_watch.batch_wait_bound` of
+    With workers, the wait for each batch is bounded (:mod:`tread_scale.data.stream.worker_watch`): no batch
+    within ``batch_timeout`` seconds (default :func:`~tread_scale.data.stream.worker_watch.batch_wait_bound` of
     the dataset's ``stall_timeout``) raises :class:`~tread_scale.errors.DataStallError` naming every
     worker's pid, state and last activity, after their stacks were asked for and the workers ended.
 

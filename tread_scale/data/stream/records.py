@@ -60,7 +60,7 @@ def _layout_of(shard) -> ShardLayout | None:
               "label": (np.dtype("<i8"), offsets["label"])}
     if encodings.get("id") == "int":
         fields["id"] = (np.dtype("<i8"), offsets["id"])
-    for name in TEXT_COLUMNS:  # captioned datasets' columns (tread_scale.data.captions): static ndarrays
+    for name in TEXT_COLUMNS:  # captioned datasets' columns (tread_scale.data.conversion.captions): static ndarrays
         if name in encodings and encodings[name].startswith("ndarray"):
             col_dtype, col_dims = parse_ndarray_encoding(encodings[name])
             if col_dims is None or col_dtype == "unknown":

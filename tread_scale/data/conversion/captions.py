@@ -1,13 +1,13 @@
 """Captioned sources for ``tread-scale convert captions``: latents plus text embeddings per sample.
 
-Three sources, each a :class:`~tread_scale.data.sources.Source` that :func:`~tread_scale.data.convert.convert`
-writes like any other (groups, ``--processes``, done-files, S3):
+Two sources, each a :class:`~tread_scale.data.conversion.sources.Source` that :func:`~tread_scale.data.conversion.writer.convert`
+writes like any other (the captioned demo's source,
+:class:`~tread_scale.devtools.demo_data.CaptionDemoSource`, is built on the same helpers) (groups, ``--processes``, done-files, S3):
 
 * :class:`CaptionFolderSource`: images with one caption each, from a sidecar ``<image stem>.txt`` beside
   every image, or from a ``.jsonl``/``.csv`` manifest of path + caption. Images go through the same code as
-  ``convert images`` (crop, resize, VAE); captions through a :class:`~tread_scale.data.text_encoder.TextEncoder`.
+  ``convert images`` (crop, resize, VAE); captions through a :class:`~tread_scale.data.conversion.text_encoder.TextEncoder`.
 * :class:`CaptionNpzSource`: precomputed ``.npz`` files of latents, text embeddings and masks.
-* :class:`CaptionDemoSource`: the captioned demo shapes (:func:`~tread_scale.data.demo.demo_caption_image`).
 
 Stored columns besides ``latent``/``label``/``id`` (all fixed-size, so the training reader's memory-mapped
 fast path reads them): ``text_emb`` ``ndarray:float16:L,D``, ``text_mask`` ``ndarray:uint8:L``,
@@ -26,10 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from tread_scale.data.demo import DEMO_CAPTION_MAX_LENGTH, DEMO_CAPTION_RESOLUTION, DEMO_NUM_SAMPLES
-from tread_scale.data.metadata import TextMetadata
-from tread_scale.data.sources import (IMAGE_SUFFIXES, ImageEncoder, Plan, Sample, Source, _npz_keys, aligned_chunks,
-                                      check_sample, encode_image_chunks, files_stamp, vae_plan)
+from tread_scale.data.metadata import TextMetadata, encode_caption
+from tread_scale.data.conversion.sources import (IMAGE_SUFFIXES, ImageEncoder, Plan, Sample, Source, _npz_keys,
+                                                 check_sample, encode_image_chunks, files_stamp, vae_plan)
 from tread_scale.errors import ConfigError, DatasetError
 from tread_scale.jsonl import json_objects
 
@@ -48,33 +47,10 @@ _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 # --------------------------------------------------------------------------- stored columns
-def text_columns(text: TextMetadata) -> dict[str, str]:
-    """The MDS columns of a captioned dataset, besides ``latent``, ``label`` and ``id``."""
-    return {"text_emb": f"ndarray:float16:{text.seq_len},{text.emb_dim}", "text_mask": f"ndarray:uint8:{text.seq_len}",
-            "text_pooled": f"ndarray:float16:{text.pooled_dim}", "caption": f"ndarray:uint8:{text.caption_bytes}"}
-
-
 def caption_width(captions: Sequence[str], max_bytes: int) -> int:
     """Bytes of the ``caption`` column: the longest UTF-8 caption rounded up to 16, at most ``max_bytes``."""
     longest = max((len(c.encode("utf-8")) for c in captions), default=0)
     return max(16, min(int(max_bytes), -(-longest // 16) * 16))
-
-
-def encode_caption(caption: str, width: int) -> tuple[np.ndarray, bool]:
-    """A caption as ``width`` zero-padded UTF-8 bytes (cut at a character boundary); and whether it was cut."""
-    raw = caption.encode("utf-8")
-    clipped = len(raw) > width
-    if clipped:
-        raw = raw[:width].decode("utf-8", errors="ignore").encode("utf-8")
-    row = np.zeros(width, np.uint8)
-    row[:len(raw)] = np.frombuffer(raw, np.uint8)
-    return row, clipped
-
-
-def decode_captions(rows: np.ndarray) -> list[str]:
-    """Stored ``caption`` rows ``(B, N)`` (or one row ``(N,)``) back to strings."""
-    rows = np.atleast_2d(np.asarray(rows, np.uint8))
-    return [r.tobytes().rstrip(b"\0").decode("utf-8", errors="replace") for r in rows]
 
 
 def text_row(sample: Sample, text: TextMetadata) -> tuple[dict[str, np.ndarray], bool]:
@@ -107,16 +83,16 @@ _ENCODERS: dict[tuple, Any] = {}
 
 def encoder_folders(source) -> dict[str, str | None]:
     """A caption source's encoder folders by kind (``t5``, ``clip``, ``clip_l``, ``clip_g``; unset ones None)."""
-    from tread_scale.data.text_encoder import KINDS
+    from tread_scale.data.conversion.text_encoder import KINDS
 
     return {k: getattr(source, k, None) for k in KINDS}
 
 
 def cached_text_encoder(folders: dict[str, str | None], max_length: int, device: str, dtype: str):
-    """A :class:`~tread_scale.data.text_encoder.TextEncoder`, loaded once per process and arguments."""
+    """A :class:`~tread_scale.data.conversion.text_encoder.TextEncoder`, loaded once per process and arguments."""
     import torch
 
-    from tread_scale.data.text_encoder import TextEncoder, folder_hashes
+    from tread_scale.data.conversion.text_encoder import TextEncoder, folder_hashes
 
     given = {k: f for k, f in folders.items() if f}
     key = (tuple(sorted(given.items())), max_length, device, dtype, *(folder_hashes(f) for f in given.values()))
@@ -128,7 +104,7 @@ def cached_text_encoder(folders: dict[str, str | None], max_length: int, device:
 
 
 def _encoder_describe(folders: dict[str, str | None]) -> dict:
-    from tread_scale.data.text_encoder import encoder_flag, folder_hashes
+    from tread_scale.data.conversion.text_encoder import encoder_flag, folder_hashes
 
     out = {}
     for kind, folder in folders.items():
@@ -148,7 +124,7 @@ def _check_dtype(dtype: str) -> None:
 def text_plan(folders: dict[str, str | None], max_length: int, captions: Sequence[str],
               max_caption_bytes: int) -> TextMetadata:
     """The ``text`` facts of a conversion through encoder folders (read from their configs; nothing loaded)."""
-    from tread_scale.data.text_encoder import inspect_encoder, text_layout
+    from tread_scale.data.conversion.text_encoder import inspect_encoder, text_layout
 
     infos = {k: inspect_encoder(f, k) for k, f in folders.items() if f}
     lay = text_layout(infos.get("t5"), infos.get("clip"), max_length, clip_l=infos.get("clip_l"),
@@ -162,10 +138,10 @@ def encode_captions(encoder, captions: Sequence[str], wheres: Sequence[str]) -> 
     """The text of each caption as a sample's ``text``: its arrays, and what the conversion's summary counts.
 
     Besides the arrays and ``caption``: ``truncated``, ``tokens`` (encoder kind → token count before
-    truncation) and ``unknown`` (encoder kind → a record of :func:`~tread_scale.data.text_encoder.
+    truncation) and ``unknown`` (encoder kind → a record of :func:`~tread_scale.data.conversion.text_encoder.
     merge_unknown_words`; reported once for the whole conversion, not per batch).
     """
-    from tread_scale.data.text_encoder import merge_unknown_words
+    from tread_scale.data.conversion.text_encoder import merge_unknown_words
 
     encoded = encoder.encode(captions, warn_unknown=None)
     emb, mask, pooled = (encoded[k].numpy() for k in ("text_emb", "text_mask", "text_pooled"))
@@ -177,7 +153,7 @@ def encode_captions(encoder, captions: Sequence[str], wheres: Sequence[str]) -> 
 
 
 def _empty_prompt_of(encoder) -> dict[str, np.ndarray]:
-    from tread_scale.data.text_encoder import empty_prompt_arrays
+    from tread_scale.data.conversion.text_encoder import empty_prompt_arrays
 
     return empty_prompt_arrays(encoder.encode([""], warn_unknown=None))
 
@@ -231,7 +207,7 @@ class CaptionFolderSource(Source):
         t5: Local T5 encoder folder (model + tokenizer), or ``None``.
         clip: Local CLIP text encoder folder (model + tokenizer), or ``None``.
         clip_l: CLIP-L's folder, for SD3's text layout (with ``clip_g`` and ``t5``; see
-            :mod:`tread_scale.data.text_encoder`).
+            :mod:`tread_scale.data.conversion.text_encoder`).
         clip_g: CLIP-G's folder, for SD3's text layout.
         max_length: Tokens per encoder; longer captions are cut (and counted in the summary).
         batch_size: Images and captions per forward (aligned chunks: the output is independent of ``--processes``).
@@ -342,72 +318,6 @@ class CaptionFolderSource(Source):
                                                     self.encoder_dtype))
 
 
-# --------------------------------------------------------------------------- captioned demo
-@dataclass
-class CaptionDemoSource(Source):
-    """The captioned demo shapes (:func:`~tread_scale.data.demo.demo_caption_image`), in pixel space.
-
-    Args:
-        num_samples: Samples.
-        resolution: Image side.
-        seed: Dataset seed.
-        t5: Local T5 encoder folder (e.g. from :func:`~tread_scale.data.text_encoder.build_tiny_text_encoder`).
-        clip: Local CLIP text encoder folder.
-        clip_l: CLIP-L's folder, for SD3's text layout (with ``clip_g`` and ``t5``; see
-            :mod:`tread_scale.data.text_encoder`).
-        clip_g: CLIP-G's folder, for SD3's text layout.
-        max_length: Tokens per encoder.
-        batch_size: Captions per encoder forward.
-        device: Device of the text encoders.
-        encoder_dtype: Compute dtype of the text encoders.
-    """
-
-    num_samples: int = DEMO_NUM_SAMPLES
-    resolution: int = DEMO_CAPTION_RESOLUTION
-    seed: int = 0
-    t5: str | None = None
-    clip: str | None = None
-    clip_l: str | None = None
-    clip_g: str | None = None
-    max_length: int = DEMO_CAPTION_MAX_LENGTH
-    batch_size: int = 64
-    device: str = "cpu"
-    encoder_dtype: str = "float32"
-    kind = "captions-demo"
-
-    def describe(self) -> dict:
-        _check_dtype(self.encoder_dtype)
-        return {"kind": self.kind, "num_samples": self.num_samples, "resolution": self.resolution, "seed": self.seed,
-                "max_length": self.max_length, "batch_size": self.batch_size, "encoder_dtype": self.encoder_dtype,
-                "encoders": _encoder_describe(encoder_folders(self))}
-
-    def plan(self) -> Plan:
-        from tread_scale.data.demo import demo_caption
-
-        if self.num_samples < 1:
-            raise DatasetError(f"demo: num_samples must be >= 1, got {self.num_samples}")
-        captions = [demo_caption(i, self.seed) for i in range(self.num_samples)]
-        text = text_plan(encoder_folders(self), self.max_length, captions, 1024)
-        return Plan(captions, (3, self.resolution, self.resolution), 1, text=text)
-
-    def load(self, items: Sequence[tuple[int, str]], plan: Plan) -> Iterator[Sample]:
-        from tread_scale.data.demo import demo_caption_image
-
-        text = cached_text_encoder(encoder_folders(self), self.max_length, self.device, self.encoder_dtype)
-        owned = dict(items)
-        for chunk in aligned_chunks(list(owned), len(plan.items), self.batch_size):
-            captions = [plan.items[i] for i in chunk]
-            rows = encode_captions(text, captions, [f"demo sample {i}" for i in chunk])
-            for i, row in zip(chunk, rows):
-                if i in owned:
-                    image, caption = demo_caption_image(i, self.resolution, self.seed)
-                    yield Sample(i, image, 0, text=row)
-
-    def empty_prompt(self, plan: Plan) -> dict[str, np.ndarray]:
-        return _empty_prompt_of(cached_text_encoder(encoder_folders(self), self.max_length, self.device,
-                                                    self.encoder_dtype))
-
-
 # --------------------------------------------------------------------------- precomputed .npz
 def _npz_headers(z: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every array of an open ``.npz`` without reading the arrays."""
@@ -446,7 +356,7 @@ class CaptionNpzSource(Source):
         t5: The T5 folder the embeddings were made with, if known.
         clip: The CLIP folder the embeddings were made with, if known.
         clip_l: CLIP-L's folder, for SD3's text layout (with ``clip_g`` and ``t5``; see
-            :mod:`tread_scale.data.text_encoder`).
+            :mod:`tread_scale.data.conversion.text_encoder`).
         clip_g: CLIP-G's folder, for SD3's text layout.
         max_length: The token limit they were made with (needed with encoders).
         device: Device of the encoders (empty prompt only).

@@ -1,26 +1,21 @@
-"""The built-in demo dataset: procedurally drawn, class-conditional coloured shapes.
+"""The demo datasets' drawing: procedurally drawn, class-conditional coloured shapes (numpy only).
 
 Each class is one upright shape in one colour on a dark background, with random position, a little size
 and colour jitter, so a sample grid shows at a glance whether a model learned the classes. (Rotation is
 left out on purpose: it would make the demo take longer to learn on a CPU.)
 Images are stored in pixel space (``vae: none``), scaled to ``[-1, 1]``.
 
-The *captioned* demo (:func:`demo_caption_image`, written by :func:`write_captioned_demo`) draws one or two
+The *captioned* demo (:func:`demo_caption_image`, written by
+:func:`~tread_scale.devtools.demo_data.write_captioned_demo`) draws one or two
 shapes whose colour, kind and quadrant are free and named by the caption ("a red square at top left and a
 blue circle at bottom right"), so only the prompt decides the picture. Its captions use the small fixed
 vocabulary :data:`DEMO_CAPTION_VOCAB`, which a tiny local text encoder
-(:func:`~tread_scale.data.text_encoder.build_tiny_text_encoder`) tells apart word by word.
+(:func:`~tread_scale.devtools.demo_data.build_tiny_text_encoder`) tells apart word by word.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
-from pathlib import Path
-
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 #: (name, RGB colour) of each class, by label.
 DEMO_CLASSES: list[tuple[str, tuple[float, float, float]]] = [
@@ -32,7 +27,7 @@ DEMO_CLASSES: list[tuple[str, tuple[float, float, float]]] = [
     ("cyan_diamond", (0.1, 0.9, 0.95)),
 ]
 
-#: Defaults of ``tread-scale convert demo`` and :class:`~tread_scale.data.sources.DemoSource`: the input of
+#: Defaults of ``tread-scale convert demo`` and :class:`~tread_scale.devtools.demo_data.DemoSource`: the input of
 #: ``yamls/demo.yaml``'s model (3x16x16 pixels, 6 classes), so converted demo data trains with it as is.
 DEMO_RESOLUTION = 16
 DEMO_NUM_CLASSES = len(DEMO_CLASSES)
@@ -167,69 +162,3 @@ def demo_caption_image(index: int, resolution: int = DEMO_CAPTION_RESOLUTION, se
         img = img + cover[None] * (rgb[:, None, None] - img)
     caption = " and ".join(f"a {c} {s} at {p}" for c, s, p in layout)
     return (img * 2 - 1).astype(np.float32), caption
-
-
-def prepare_demo_encoders(encoder_dir: str, encoders: Sequence[str] = ("t5",), seed: int = 0) -> dict[str, str]:
-    """The captioned demo's tiny text encoders in ``encoder_dir/<kind>``, built when missing.
-
-    They are deterministic in ``seed``: a rebuilt encoder has the same content hashes, so it matches
-    datasets written with an earlier build.
-
-    Returns:
-        ``{kind: folder}``, for :class:`~tread_scale.data.text_encoder.TextEncoder` and the converters.
-
-    Raises:
-        ConfigError: For an unknown kind.
-    """
-    from tread_scale.data.text_encoder import KINDS, build_tiny_text_encoder
-    from tread_scale.errors import ConfigError
-
-    if not encoders or any(k not in KINDS for k in encoders):
-        raise ConfigError(f"captioned demo encoders {list(encoders)}: choose from {list(KINDS)}")
-    folders = {}
-    for kind in encoders:
-        folder = Path(encoder_dir, kind)
-        if not all((folder / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json")):
-            log.info("building the tiny %s text encoder of the captioned demo at %s", kind, folder)
-            build_tiny_text_encoder(folder, kind, seed=seed)
-        folders[kind] = str(folder)
-    return folders
-
-
-def write_captioned_demo(out: str, encoder_dir: str, *, encoders: Sequence[str] = ("t5",),
-                         num_samples: int = DEMO_NUM_SAMPLES, resolution: int = DEMO_CAPTION_RESOLUTION, seed: int = 0,
-                         max_length: int = DEMO_CAPTION_MAX_LENGTH, encoder_seed: int = 0, processes: int = 1,
-                         shard_size: str = "64mb", work_dir: str | None = None, overwrite: bool = False,
-                         progress: bool = False):
-    """Write the captioned demo as MDS shards with text embeddings, at ``out`` (local folder or ``s3://``).
-
-    The tiny text encoders are built into ``encoder_dir/<kind>`` (kept when already there; they are
-    deterministic in ``encoder_seed``, so a rebuilt one has the same hashes) and recorded in the metadata:
-    give the same folders to sampling to encode prompts.
-
-    Args:
-        out: Destination.
-        encoder_dir: Local folder for the tiny encoders (``t5/`` and/or ``clip/`` inside).
-        encoders: Which to build and use: ``("t5",)``, ``("clip",)`` or both.
-        num_samples: Samples.
-        resolution: Image side.
-        seed: Dataset seed.
-        max_length: Tokens per encoder.
-        encoder_seed: Seed of the encoders' random weights.
-        processes: Worker processes.
-        shard_size: MDS shard size limit.
-        work_dir: Staging folder for ``s3://`` outputs.
-        overwrite: Replace an output holding another conversion.
-        progress: Show a progress bar.
-
-    Returns:
-        The dataset's :class:`~tread_scale.data.metadata.LatentMetadata` (with its ``text`` section).
-    """
-    from tread_scale.data.captions import CaptionDemoSource
-    from tread_scale.data.convert import ConvertOptions, convert
-
-    folders = prepare_demo_encoders(encoder_dir, encoders, encoder_seed)
-    source = CaptionDemoSource(num_samples=num_samples, resolution=resolution, seed=seed, t5=folders.get("t5"),
-                               clip=folders.get("clip"), max_length=max_length)
-    return convert(source, out, ConvertOptions(processes=processes, shard_size=shard_size, work_dir=work_dir,
-                                               overwrite=overwrite, progress=progress))

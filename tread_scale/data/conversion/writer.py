@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from tread_scale.data import object_store as s3
-from tread_scale.data.metadata import EMPTY_PROMPT_FILE, META_FILE, LatentMetadata
-from tread_scale.data.sources import Plan, Source
+from tread_scale.data.metadata import EMPTY_PROMPT_FILE, META_FILE, LatentMetadata, text_columns
+from tread_scale.data.conversion.sources import Plan, Source
 from tread_scale.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,6 @@ def columns_for(plan: Plan, dtype: str) -> dict[str, str]:
     c, h, w = plan.latent_shape
     columns = {"latent": f"ndarray:{dtype}:{c},{h},{w}", "label": "int", "id": "int"}
     if plan.text is not None:
-        from tread_scale.data.captions import text_columns
-
         columns.update(text_columns(plan.text))
     return columns
 
@@ -101,8 +99,8 @@ def _write_group(source: Source, plan: Plan, pairs: list, group_dir: str, fp: st
     longest: dict[str, int] = {}
     unknown: dict[str, dict] = {}
     if plan.text is not None:
-        from tread_scale.data.captions import text_row
-        from tread_scale.data.text_encoder import merge_unknown_words
+        from tread_scale.data.conversion.captions import text_row
+        from tread_scale.data.conversion.text_encoder import merge_unknown_words
     compression = None if opts.compression in ("none", "") else opts.compression
     with MDSWriter(out=str(gdir), columns=columns_for(plan, opts.dtype), compression=compression,
                    size_limit=opts.shard_size, hashes=["xxh64"], progress_bar=False) as writer:
@@ -148,7 +146,7 @@ def _finish_text(staging: Path, first_group: str, plan: Plan, results: list[dict
     from dataclasses import replace
 
     from tread_scale.data.metadata import empty_prompt_digest
-    from tread_scale.data.text_encoder import merge_unknown_words, warn_unknown_words
+    from tread_scale.data.conversion.text_encoder import merge_unknown_words, warn_unknown_words
 
     with np.load(staging / first_group / GROUP_EMPTY_PROMPT) as z:
         arrays = {k: z[k] for k in ("text_emb", "text_mask", "text_pooled")}

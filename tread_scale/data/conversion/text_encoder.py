@@ -49,7 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tread_scale.errors import ConfigError
+from tread_scale.data.metadata import LatentMetadata, TextMetadata
+from tread_scale.errors import ConfigError, DatasetMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -331,8 +332,6 @@ class TextEncoder:
         Raises:
             ConfigError: If the folders are not the encoders the dataset records.
         """
-        from tread_scale.data.metadata import check_text_encoders
-
         check_text_encoders(text_meta, t5=t5, clip=clip, clip_l=clip_l, clip_g=clip_g)
         return cls.from_folders(t5=t5, clip=clip, clip_l=clip_l, clip_g=clip_g, max_length=text_meta.max_length,
                                 device=device, dtype=dtype, clip_layer=recorded_clip_layer(text_meta))
@@ -556,7 +555,55 @@ def recorded_clip_layer(text_meta) -> int:
     return int(layers[0]) if layers else CLIP_LAYER
 
 
-# --------------------------------------------------------------------------- tiny encoders for tests and the demo
+def check_text_encoders(text: TextMetadata | LatentMetadata | None, *, t5: str | None = None,
+                        clip: str | None = None, clip_l: str | None = None, clip_g: str | None = None,
+                        where: str = "the dataset") -> None:
+    """Check that local encoder folders are the encoders a captioned dataset was converted with.
+
+    Training calls this at start when it is given encoders (to encode prompts for sample grids), sampling
+    before it encodes prompts. Compares the kinds and the content hashes of the weight and tokenizer
+    files (hashing reads every weight byte once per process).
+
+    Args:
+        text: The dataset's metadata or its ``text`` section.
+        t5: Local T5 folder, if any.
+        clip: Local CLIP folder, if any.
+        clip_l: Local CLIP-L folder, if any (SD3's layout).
+        clip_g: Local CLIP-G folder, if any (SD3's layout).
+        where: The dataset, for messages.
+
+    Raises:
+        DatasetMismatchError: If the dataset has no text section.
+        ConfigError: Naming the encoder, the folder and both hashes (or the kinds) that differ.
+    """
+    if isinstance(text, LatentMetadata):
+        text = text.text
+    if text is None:
+        raise DatasetMismatchError(f"{where} has no text embeddings (converted without captions), so no text encoder "
+                                   "can match it")
+    given = {k: f for k, f in (("t5", t5), ("clip", clip), ("clip_l", clip_l), ("clip_g", clip_g)) if f is not None}
+    recorded = {e["kind"]: e for e in text.encoders}
+    if not recorded:
+        raise ConfigError(f"{where} holds precomputed text embeddings and records no encoders, so encoders "
+                          f"{sorted(given)} cannot be checked against it; re-convert with the encoders to record them")
+    if set(given) != set(recorded):
+        had = ", ".join(f"{k}={e['name']}" for k, e in recorded.items())
+        got = ", ".join(f"{k}={v}" for k, v in given.items()) or "none"
+        raise ConfigError(f"{where} was converted with text encoder(s) {had}, but {got} were given; give exactly "
+                          + " ".join(encoder_flag(k) for k in sorted(recorded)))
+    for kind, folder in given.items():
+        info, rec = inspect_encoder(folder, kind), recorded[kind]
+        for field_name in ("weights_sha256", "tokenizer_sha256"):
+            got, want = getattr(info, field_name), rec[field_name]
+            if got != want:
+                what = field_name.split("_")[0]
+                raise ConfigError(f"{kind} encoder {folder!r}: its {what} (sha256 {got[:16]}…) differ from those of "
+                                  f"{rec['name']!r} that {where} was converted with (sha256 {want[:16]}…); use "
+                                  "the same encoder folder, or re-convert the dataset")
+
+
+# --------------------------------------------------------------------------- whole-word tokenizers of tiny encoders
+# (tread_scale.devtools.demo_data.build_tiny_text_encoder, tread_scale.evaluation.clip_score.build_tiny_clip)
 _T5_SPECIALS = ("<pad>", "</s>", "<unk>")
 _CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>", "<unk>")
 
@@ -576,63 +623,6 @@ def _word_tokenizer(words: Sequence[str], specials: Sequence[str], template: str
     tok.post_processor = processors.TemplateProcessing(
         single=template, special_tokens=[(t, vocab[t]) for t in specials if t in template])
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length, **tokens), vocab
-
-
-def build_tiny_text_encoder(folder: str | os.PathLike, kind: str = "t5", seed: int = 0,
-                            vocab: Sequence[str] | None = None, width: int = 32, layers: int = 2,
-                            projection: bool = True) -> str:
-    """Write a tiny random text encoder and its tokenizer to ``folder`` (``save_pretrained`` layout).
-
-    Nothing is downloaded: the tokenizer is a whole-word vocabulary (``vocab``, by default the captioned
-    demo's words) built in process. Deterministic: the same arguments write the same bytes.
-
-    Args:
-        folder: Output folder (created).
-        kind: ``t5`` (a ``T5EncoderModel``) or a CLIP kind (``clip``, ``clip_l``, ``clip_g``: a
-            ``CLIPTextModelWithProjection`` when ``projection``, else a ``CLIPTextModel``).
-        seed: Seed of the random weights.
-        vocab: Words it knows; others become ``<unk>``.
-        width: Hidden width.
-        layers: Transformer layers.
-        projection: For CLIP, add a text projection (pooled width ``width // 2``).
-
-    Returns:
-        The folder.
-    """
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    if kind not in KINDS:
-        raise ConfigError(f"text encoder kind {kind!r} is not one of {KINDS}")
-    if vocab is None:
-        from tread_scale.data.demo import DEMO_CAPTION_VOCAB
-
-        vocab = DEMO_CAPTION_VOCAB
-    words = list(vocab) + [",", "."]
-    if kind == "t5":
-        tok, ids = _word_tokenizer(words, _T5_SPECIALS, "$A </s>", 512, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>")
-        config = T5Config(vocab_size=len(ids), d_model=width, d_kv=width // 4, d_ff=2 * width, num_layers=layers,
-                          num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
-                          dropout_rate=0.0, pad_token_id=ids["<pad>"], eos_token_id=ids["</s>"],
-                          decoder_start_token_id=ids["<pad>"])
-        make = T5EncoderModel
-    else:
-        tok, ids = _word_tokenizer(words, _CLIP_SPECIALS, "<|startoftext|> $A <|endoftext|>", 77,
-                                   bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>", unk_token="<unk>")
-        config = CLIPTextConfig(vocab_size=len(ids), hidden_size=width, intermediate_size=2 * width,
-                                num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=77,
-                                projection_dim=max(width // 2, 1), bos_token_id=ids["<|startoftext|>"],
-                                eos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"])
-        make = CLIPTextModelWithProjection if projection else CLIPTextModel
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = make(config).eval()
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return str(out)
 
 
 def empty_prompt_arrays(encoded: dict[str, Any]) -> dict[str, np.ndarray]:
