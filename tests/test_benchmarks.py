@@ -37,6 +37,13 @@ def test_bench_data_compares_mds_and_per_file_reads(tmp_path):
     assert m and int(m.group(1)) > 0 and int(m.group(2)) > 0
 
 
+def test_bench_buckets_compares_bucketed_and_square_loading(tmp_path):
+    out = _run("benchmarks/bench_buckets.py", "--samples", "600", "--batch", "64", "--workers", "0", "--passes", "1",
+               "--dir", str(tmp_path))
+    m = re.fullmatch(r"square_per_s=(\d+) bucketed_per_s=(\d+) ratio=([\d.]+) token_ratio=([\d.]+)", out[-1])
+    assert m and int(m.group(1)) > 0 and int(m.group(2)) > 0
+
+
 def test_gpu_bench_code_paths_run_on_cpu():
     out = _run("benchmarks/gpu_bench.py", "--cpu-smoke", "--model", "S/8", "--batch", "2", "--warmup", "1",
                "--steps", "1", "--variants", "dense,tread,reference,tread+fsdp2", "--peak-tflops", "1")

@@ -19,6 +19,11 @@ and uses only the public methods defined here. Each patch, upstream vs. here:
   back while waited for was then waited for for ever (the two-node hang of issue 12). Here every wait
   re-checks, takes the shard over, and is bounded by ``stall_timeout`` (:class:`DataStallError` naming
   the shard, its state, the rank and the node, after a dump of every thread's stack).
+* ``_get_work``: for a bucketed dataset (``bucket_ranges`` set) the epoch's sample ids come from
+  :mod:`tread_scale.data.stream.buckets` (every global batch one bucket, the same sequence for any number
+  of ranks and workers) instead of upstream's partition, whose ``per_stream`` batching comes closest but
+  repeats samples to pad a bucket to the world size (so elastic resumption changes the epoch) and has one
+  batch size. Without buckets, upstream's partition as is.
 * ``__iter__``: upstream ends the epoch *normally* when a background thread failed (the rank silently
   trains on fewer batches, or none, while its peers wait); here the failure is raised.
 """
@@ -65,13 +70,16 @@ class PatchedStreamingDataset(StreamingDataset):
         batched: Iterate :class:`IdBatch` es of ``batch_size`` ids, read by :meth:`get_batch`, instead of
             single samples; a worker's last incomplete batch is dropped (as ``drop_last=True`` does).
         stall_timeout: Seconds a data wait may go without progress before :class:`DataStallError`.
+        bucket_ranges: ``(start, count)`` of each aspect-ratio bucket's sample ids (a bucketed dataset's
+            metadata); batches then never mix buckets (:mod:`tread_scale.data.stream.buckets`).
         **kwargs: ``StreamingDataset`` arguments.
 
     Raises:
         DatasetError: If ``stall_timeout`` is not positive, or ``batched`` without ``batch_size``.
     """
 
-    def __init__(self, *, batched: bool = False, stall_timeout: float = 300.0, **kwargs: Any) -> None:
+    def __init__(self, *, batched: bool = False, stall_timeout: float = 300.0,
+                 bucket_ranges: list[tuple[int, int]] | None = None, **kwargs: Any) -> None:
         if not stall_timeout > 0:
             raise DatasetError(f"stall_timeout={stall_timeout} must be a positive number of seconds "
                                "(data.stall_timeout)")
@@ -81,6 +89,14 @@ class PatchedStreamingDataset(StreamingDataset):
         self.background_error: BaseException | None = None
         if batched and not self.batch_size:
             raise DatasetError("a batched dataset needs batch_size (the per-rank batch)")
+        self.bucket_ranges = None if bucket_ranges is None else [(int(a), int(n)) for a, n in bucket_ranges]
+        if self.bucket_ranges is not None:
+            if not batched:
+                raise DatasetError("a bucketed dataset is read in batches (batched=True)")
+            if sum(n for _, n in self.bucket_ranges) != self.num_samples:
+                raise DatasetError(f"the buckets of the metadata hold {sum(n for _, n in self.bucket_ranges)} "
+                                   f"samples but the shards hold {self.num_samples}: metadata and index.json "
+                                   "are of different conversions")
         self.drop_parent_clients()
 
     # ---- the public face the domain subclass uses -------------------------------------------------------
@@ -123,7 +139,28 @@ class PatchedStreamingDataset(StreamingDataset):
         where = next((s.remote or s.local for s in self.streams), "?")
         return DatasetError(f"reading shards of {where} failed in a background thread on {whereabouts()}: {cause}")
 
+    def bucketed_steps(self) -> int:
+        """Steps (global batches) of one epoch of a bucketed dataset on this run's ranks."""
+        from tread_scale.data.stream.buckets import steps_per_epoch
+
+        return steps_per_epoch(self.bucket_ranges, self.batch_size * self._parallel_rank_world.num_ranks)
+
     # ---- patches --------------------------------------------------------------------------------------
+
+    def _get_work(self, epoch: int, sample_in_epoch: int) -> np.ndarray:
+        if self.bucket_ranges is None:
+            return super()._get_work(epoch, sample_in_epoch)
+        from tread_scale.data.stream.buckets import plan_epoch, worker_ids
+
+        world = self._parallel_worker_world
+        global_batch = self.batch_size * world.num_ranks
+        if sample_in_epoch % global_batch:
+            log.warning("resuming at sample %d of the epoch, not a whole global batch of %d: the step's rest is "
+                        "skipped", sample_in_epoch, global_batch)
+        plan = plan_epoch(self.bucket_ranges, global_batch, self.shuffle_seed, epoch, self.shuffle)
+        return worker_ids(plan, sample_in_epoch // global_batch, world.rank, world.num_ranks, world.worker_of_rank,
+                          world.workers_per_rank)
+
 
     def __iter__(self):
         try:

@@ -29,7 +29,37 @@ def prepare_data_access(cfg: RunConfig) -> LatentMetadata:
                         where=cfg.data.remote)
     if text_model:
         adopt_text_widths(cfg, meta)
+    check_buckets_against_model(cfg, meta)
     return meta
+
+
+def check_buckets_against_model(cfg: RunConfig, meta: LatentMetadata) -> None:
+    """Every bucket of a bucketed dataset must be a grid the model can run: sides divisible by the patch, and
+    within the position table of a model that has one of fixed size.
+
+    Raises:
+        DatasetMismatchError: Naming the dataset, the bucket and the model setting it breaks.
+    """
+    from tread_scale.errors import DatasetMismatchError
+
+    buckets = getattr(meta, "buckets", None) or []
+    if not buckets:
+        return
+    patch = cfg.model.size()[1]
+    grid = cfg.model.input_size // patch
+    pos = getattr(cfg.model, "pos_embed", None)
+    for b in buckets:
+        _, h, w = (int(x) for x in b["latent_shape"])
+        where = f"{cfg.data.remote}: bucket {h}x{w} (latent)"
+        if h % patch or w % patch:
+            raise DatasetMismatchError(f"{where} is not divisible by the model's patch size {patch}")
+        if pos == "learned" and (h // patch, w // patch) != (grid, grid):
+            raise DatasetMismatchError(f"{where}: model.pos_embed=learned has positions for the {grid}x{grid} grid "
+                                       "only; use rope, sincos or sd3 for bucketed data")
+        max_size = getattr(cfg.model, "pos_embed_max_size", None)
+        if pos == "sd3" and max_size and max(h, w) // patch > max_size:
+            raise DatasetMismatchError(f"{where}: its grid {h // patch}x{w // patch} exceeds "
+                                       f"model.pos_embed_max_size={max_size}")
 
 
 def adopt_text_widths(cfg: RunConfig, meta: LatentMetadata) -> None:
@@ -75,6 +105,7 @@ def build_dataloader(cfg: RunConfig, meta: LatentMetadata, batch_size: int) -> D
         num_classes=max(meta.num_classes, 1) if text_model else cfg.model.num_classes,
         text_shape=meta.text.shape if text_model else None,
         captions=False,
+        buckets=getattr(meta, "buckets", None),
         batched=True,
         split=d.split,
         batch_size=batch_size,

@@ -52,6 +52,10 @@ class LatentStreamingDataset(PatchedStreamingDataset):
         batched: Iterate whole batches of ``batch_size`` samples (each what :func:`collate_latents` makes of
             them, read with :meth:`get_batch`) instead of single samples; a worker's last incomplete batch is
             dropped, as a ``DataLoader(drop_last=True)`` drops it. Pair with :class:`BatchLoader`.
+        buckets: A bucketed dataset's ``LatentMetadata.buckets`` (``latent_shape``, ``start``, ``count`` each):
+            latents then have their bucket's shape, and every batch holds one bucket
+            (:mod:`tread_scale.data.stream.buckets`; needs ``batched``). ``latent_shape`` is then the
+            model's configured shape, not checked against the shards.
         **kwargs: Passed to ``StreamingDataset`` (remote, local, batch_size, shuffle, …).
 
     Raises:
@@ -60,12 +64,14 @@ class LatentStreamingDataset(PatchedStreamingDataset):
 
     def __init__(self, *, latent_shape: tuple[int, int, int], num_classes: int, batched: bool = False,
                  stall_timeout: float = 300.0, text_shape: tuple[int, int, int] | None = None, captions: bool = True,
-                 **kwargs: Any) -> None:
+                 buckets: list[dict] | None = None, **kwargs: Any) -> None:
         import json
 
         where = kwargs.get("remote") or kwargs.get("local")
+        ranges = None if not buckets else [(int(b["start"]), int(b["count"])) for b in buckets]
+        self.bucket_shapes = None if not buckets else {tuple(int(x) for x in b["latent_shape"]) for b in buckets}
         try:
-            super().__init__(batched=batched, stall_timeout=stall_timeout, **kwargs)
+            super().__init__(batched=batched, stall_timeout=stall_timeout, bucket_ranges=ranges, **kwargs)
         except json.JSONDecodeError as e:
             raise DatasetError(f"{where}: index.json is truncated or corrupt ({e.msg} at line {e.lineno}); "
                                "re-run the conversion (it resumes) or restore the file") from None
@@ -85,7 +91,13 @@ class LatentStreamingDataset(PatchedStreamingDataset):
                 if col not in encodings:
                     raise DatasetMismatchError(f"{where}: shard {basename} has no {col!r} column (columns: {names})")
             dtype, shape = parse_ndarray_encoding(encodings["latent"])
-            if shape != self.latent_shape:
+            if self.bucket_shapes is not None:
+                if shape not in self.bucket_shapes:
+                    raise DatasetMismatchError(
+                        f"{where}: shard {basename} stores latents of shape {shape} ({encodings['latent']}), none of "
+                        f"the buckets of the metadata ({sorted(self.bucket_shapes)}): metadata and shards are of "
+                        "different conversions")
+            elif shape != self.latent_shape:
                 raise DatasetMismatchError(
                     f"{where}: shard {basename} stores latents of shape {shape} ({encodings['latent']}) but the model "
                     f"expects {self.latent_shape} (model.in_channels, model.input_size)"
@@ -240,7 +252,11 @@ class LatentStreamingDataset(PatchedStreamingDataset):
             at = np.flatnonzero(shards == shard_id)
             picked = records[rows[at]]
             if latents is None:
-                latents = np.empty((len(ids), *self.latent_shape), records.dtype["latent"].base)
+                latents = np.empty((len(ids), *records.dtype["latent"].shape), records.dtype["latent"].base)
+            elif records.dtype["latent"].shape != latents.shape[1:]:
+                raise DatasetError(f"a batch mixes latent shapes {latents.shape[1:]} and {records.dtype['latent'].shape} "
+                                   f"(shard {self.shards[shard_id].raw_data.basename}): a bucketed dataset read "
+                                   "without its buckets?")
             latents[at] = picked["latent"]
             labels[at] = picked["label"]
             if "id" in records.dtype.names:
@@ -316,6 +332,8 @@ class BatchLoader(DataLoader):
         super().__init__(dataset, batch_size=None, collate_fn=_as_is, **kwargs)
 
     def __len__(self) -> int:
+        if self.dataset.bucket_ranges is not None:
+            return self.dataset.bucketed_steps()
         return len(self.dataset) // self.dataset.batch_size
 
     def __iter__(self):
