@@ -7,10 +7,12 @@ from torch import nn
 
 from tread_scale.models import DiT, MMDiT, TextCondition
 from tread_scale.routing import (
-    Routable, Route, TokenRouter, gather_tokens, num_kept, resolve_routes, routed_block_fraction,
-    routed_flops_fraction, scatter_tokens,
-)
+                                 Routable, Route, TokenRouter, gather_tokens, num_kept, resolve_routes, routed_block_fraction,
+                                 routed_flops_fraction, scatter_tokens,
+                                 )
 from tread_scale.trainer.tread_algorithm import TREADRouting
+
+from tests.helpers_composer import FakeLogger, FakeState
 
 TEXT_DIM, POOLED_DIM, LENGTH = 24, 12, 5
 POS = ["sincos", "learned", "rope"]
@@ -160,7 +162,7 @@ def test_kept_tokens_see_exactly_text_and_kept_images_at_their_own_positions(pos
     torch.testing.assert_close(routed, reference, atol=2e-5, rtol=1e-5)
     if pos_embed == "rope":  # the check is sensitive to positions: forgetting to gather the RoPE rows fails it
         wrong = net.rope_table
-        net.rope_table = lambda device=None: wrong(device)[:, torch.arange(16).roll(3)]
+        net.rope_table = lambda device=None, grid=None: wrong(device, grid)[:, torch.arange(16).roll(3)]
         with torch.no_grad():
             assert not torch.allclose(net(x, t, cond), reference, atol=1e-3)
 
@@ -244,19 +246,6 @@ class ThirdFamily(nn.Module):
             if i == end:
                 x = scatter_tokens(saved, ids, x)
         return x
-
-
-class FakeState:
-    def __init__(self, model):
-        self.model = model
-
-
-class FakeLogger:
-    def __init__(self):
-        self.hparams = {}
-
-    def log_hyperparameters(self, d):
-        self.hparams.update(d)
 
 
 class Wrapper(nn.Module):  # stands for the ComposerModel that holds the network as `.net`

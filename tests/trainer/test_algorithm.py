@@ -8,19 +8,7 @@ from tread_scale.trainer.builder import build_trainer
 from tread_scale.trainer.tread_algorithm import TREADRouting
 
 from tests.conftest import tiny_run_cfg
-
-
-class FakeState:
-    def __init__(self, model):
-        self.model = model
-
-
-class FakeLogger:
-    def __init__(self):
-        self.hparams = {}
-
-    def log_hyperparameters(self, d):
-        self.hparams.update(d)
+from tests.helpers_composer import FakeLogger, FakeState
 
 
 def composer_model():

@@ -39,6 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="sample i uses seed + i (--geneval: image k of prompt p uses seed + p * per_prompt + k)")
     p.add_argument("--labels", help="comma-separated labels (default: cycle through the classes); DiT weights")
+    p.add_argument("--size", metavar="WxH",
+                   help="image size in pixels to sample at, e.g. one of the training data's aspect-ratio buckets "
+                        "(default: the weights' configured square)")
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="a prompt (repeatable; sample i uses prompt i mod n); text-to-image (MMDiT) weights")
     p.add_argument("--prompts", metavar="FILE", help="a text file of prompts, one a line (after any --prompt)")
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                                prompts=prompts or None, t5=args.t5, clip=args.clip, clip_l=args.clip_l,
                                clip_g=args.clip_g, steps=args.steps,
                                guidance=guidance_from_args(args), vae=args.vae, batch_size=args.batch_size,
-                               device=args.device, grid_max=args.grid_max)
+                               device=args.device, grid_max=args.grid_max, size=args.size)
     if out:
         log.info("wrote %s", ", ".join(str(v) for v in out.values()))
     return 0
@@ -122,7 +125,7 @@ def _run_sweep(args: argparse.Namespace, labels: list[int] | None, prompts: list
                                        prompts=prompts, t5=args.t5, clip=args.clip, clip_l=args.clip_l,
                                        clip_g=args.clip_g, steps=args.steps, guidance=guidance, vae=args.vae,
                                        batch_size=args.batch_size, device=args.device, grid_max=args.grid_max,
-                                       count_flops=True)
+                                       count_flops=True, size=args.size)
             if not written:  # ranks other than 0 write nothing
                 continue
             flops = written["sampling_flops_per_image"]

@@ -8,24 +8,18 @@ the network is the dense DiT of Peebles & Xie.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from tread_scale.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
-from tread_scale.models.patched import PatchTokenNet
+from tread_scale.models.patched import InitMode, PatchTokenNet
 from tread_scale.routing.flops import block_flops as dit_block_flops
 from tread_scale.routing.tokens import gather_tokens, scatter_tokens
 
-if TYPE_CHECKING:
-    from tread_scale.routing.router import TokenRouter
-
 log = logging.getLogger(__name__)
-
-InitMode = Literal["adaln_zero", "xavier_all"]
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -112,77 +106,48 @@ class DiT(PatchTokenNet):
     The network maps a noisy latent ``x`` (B, C, H, W), a per-sample noise level ``t`` (B,) and labels
     ``y`` (B,) to a prediction of the same shape as ``x``. Label ``num_classes`` is the null label.
 
+    The model is configured for ``input_size`` (its stored position table, ``num_tokens`` and FLOP accounting
+    refer to it) but runs on any ``H × W`` that the patch divides (aspect-ratio buckets, multi-resolution
+    training): the fixed sin-cos table of another grid is computed on the fly, exactly as
+    :func:`~tread_scale.models.embeddings.sincos_2d` gives it.
+
     Args:
-        input_size: Latent side H (= W), or ``(H, W)``.
-        patch_size: Patch side p; must divide H and W.
-        in_channels: Latent channels C.
         hidden_size: Token width D.
         depth: Number of blocks.
         num_heads: Attention heads.
-        mlp_ratio: MLP width multiple.
         num_classes: Real classes (the embedding table has one more row, the null label).
-        out_channels: Output channels; defaults to ``in_channels``.
-        init: ``adaln_zero`` (DiT paper: zeroed modulation gates and output layer) or ``xavier_all``
-            (the TREAD reference, where a later xavier pass overwrites the zero init; spec §2).
-        timestep_scale: Multiplier of ``t`` before the timestep sinusoid (1000 for rectified flow).
+        **patch_args: ``input_size``, ``patch_size``, ``in_channels``, ``mlp_ratio``, ``out_channels``,
+            ``init`` and ``timestep_scale``, as :class:`~tread_scale.models.patched.PatchTokenNet` takes them.
+            ``init='xavier_all'`` is the TREAD reference, where a later xavier pass overwrites the DiT
+            paper's zero init (spec §2).
 
     Raises:
         ValueError: If the patch does not divide the latent or the width does not fit the heads.
     """
 
-    def __init__(
-        self,
-        *,
-        input_size: int | tuple[int, int] = 32,
-        patch_size: int = 2,
-        in_channels: int = 4,
-        hidden_size: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        num_classes: int = 1000,
-        out_channels: int | None = None,
-        init: InitMode = "adaln_zero",
-        timestep_scale: float = 1.0,
-    ) -> None:
-        super().__init__()
-        h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-        if h % patch_size or w % patch_size:
-            raise ValueError(f"patch_size {patch_size} does not divide the latent size {h}x{w}")
-        if init not in ("adaln_zero", "xavier_all"):
-            raise ValueError(f"init must be 'adaln_zero' or 'xavier_all', got {init!r}")
-        self.input_size = (h, w)
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.out_channels = out_channels or in_channels
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
-        self.mlp_ratio = mlp_ratio
+    def __init__(self, *, hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, num_classes: int = 1000,
+                 **patch_args: Any) -> None:
+        super().__init__(hidden_size=hidden_size, num_heads=num_heads, **patch_args)
         self.num_classes = num_classes
-        self.grid = (h // patch_size, w // patch_size)
-        self.num_tokens = self.grid[0] * self.grid[1]
-        self.grad_checkpointing = False
-
-        self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
-        self.t_embedder = TimestepEmbedder(hidden_size, scale=timestep_scale)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         self.register_buffer("pos_embed", sincos_2d(hidden_size, *self.grid).unsqueeze(0), persistent=True)
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.router: TokenRouter | None = None
-        self.initialize_weights(init)
-
-    @property
-    def depth(self) -> int:
-        return len(self.blocks)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, self.mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, self.patch_size, self.out_channels)
+        self.initialize_weights(self.init_mode)
 
     @property
     def null_label(self) -> int:
         return self.num_classes
 
     @property
+    def fixed_sincos(self) -> bool:
+        """The DiT's ``pos_embed`` is always the fixed sin-cos table of the configured grid."""
+        return True
+
+    @property
     def routable_tokens(self) -> int:
-        """Tokens TREAD may route: all N image tokens (:class:`~tread_scale.routing.protocol.Routable`)."""
+        """Tokens TREAD may route at the configured size: all N image tokens
+        (:class:`~tread_scale.routing.protocol.Routable`; another grid's count is :meth:`tokens_for`)."""
         return self.num_tokens
 
     def block_flops(self, tokens: int, index: int = 0) -> float:
@@ -191,25 +156,10 @@ class DiT(PatchTokenNet):
 
     def initialize_weights(self, init: InitMode) -> None:
         """Re-initialise every weight per ``init`` (see the class docstring)."""
-
-        def _basic(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-
-        self.apply(_basic)
-        conv = self.x_embedder.proj
-        nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
-        nn.init.zeros_(conv.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        if init == "adaln_zero":
-            zeroed = [b.adaLN_modulation[-1] for b in self.blocks]
-            zeroed += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
-            for lin in zeroed:
-                nn.init.zeros_(lin.weight)
-                nn.init.zeros_(lin.bias)
+        normal = [self.y_embedder.embedding_table.weight, self.t_embedder.mlp[0].weight, self.t_embedder.mlp[2].weight]
+        zeroed = [b.adaLN_modulation[-1] for b in self.blocks]
+        zeroed += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        self._reset_weights(init, normal, zeroed)
 
     def fsdp_wrap_fn(self, module: nn.Module) -> bool:
         """FSDP wrap units: each block, each embedder and the final layer (read by Composer's FSDP2 policy)."""
@@ -228,44 +178,31 @@ class DiT(PatchTokenNet):
         """Predict from a noisy latent.
 
         Args:
-            x: ``(B, C, H, W)`` network input.
+            x: ``(B, C, H, W)`` network input; H and W are any multiples of the patch size.
             t: ``(B,)`` or scalar noise-level input of the timestep embedder.
             y: ``(B,)`` int labels; ``num_classes`` is the null label.
-            force_routing: Route even in eval mode (TREAD guidance).
-            rate_override: Replace every route's rate (inference only).
-            routing_seed: Draw the routed subsets from this seed (or one seed per sample) instead of the
-                router's stream.
+            force_routing: TREAD routing in eval mode (see :meth:`route_schedule` for the routing options).
+            rate_override: Rate of every route (inference only).
+            routing_seed: Seed (or per-sample seeds) of the routed subsets.
 
         Returns:
-            ``(B, out_channels, H, W)`` prediction.
+            The ``(B, out_channels, H, W)`` prediction.
+
+        Raises:
+            ValueError: Naming the expected shape, if the channels are wrong or the patch does not divide H, W.
         """
-        if x.shape[1:] != (self.in_channels, *self.input_size):
-            raise ValueError(
-                f"DiT expects latents of shape (B, {self.in_channels}, {self.input_size[0]}, {self.input_size[1]}),"
-                f" got {tuple(x.shape)}"
-            )
+        grid = self.check_latents(x)
         b = x.shape[0]
         if t.ndim == 0:
             t = t.expand(b)
-        tokens = self.x_embedder(x) + self.pos_embed
+        tokens = self.x_embedder(x) + self.sincos_positions(grid)
         c = self.t_embedder(t) + self.y_embedder(y)
-
-        schedule = {}
-        if self.router is not None:
-            schedule = self.router.schedule(
-                b, self.num_tokens, tokens.device,
-                training=self.training, force=force_routing, rate_override=rate_override, seed=routing_seed,
-            )
-        saved, ids, end = None, None, -1
-        for i, block in enumerate(self.blocks):
-            if i in schedule:
-                end, ids = schedule[i]
-                saved, tokens = tokens, gather_tokens(tokens, ids)
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c, use_reentrant=False)
-            else:
-                tokens = block(tokens, c)
-            if i == end:
-                tokens = scatter_tokens(saved, ids, tokens)
-                saved, ids, end = None, None, -1
-        return self.unpatchify(self.final_layer(tokens, c))
+        schedule = self.route_schedule(b, grid[0] * grid[1], tokens.device, force_routing=force_routing,
+                                       rate_override=rate_override, routing_seed=routing_seed)
+        tokens = self.run_blocks(
+            tokens, schedule,
+            run=lambda block, tok: self.call_block(block, tok, c),
+            enter=lambda tok, ids: (gather_tokens(tok, ids), tok),
+            leave=scatter_tokens,
+        )
+        return self.unpatchify(self.final_layer(tokens, c), grid)

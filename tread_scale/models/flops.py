@@ -41,11 +41,17 @@ class Flops:
         return 3 * self.routed
 
 
-def model_flops(net: DiT | MMDiT, routes) -> Flops:
-    """Forward FLOPs per image, dense and with ``routes`` (an MMDiT is counted by :func:`mmdit_flops`)."""
+def model_flops(net: DiT | MMDiT, routes, latent_hw: int | tuple[int, int] | None = None) -> Flops:
+    """Forward FLOPs per image, dense and with ``routes`` (an MMDiT is counted by :func:`mmdit_flops`).
+
+    Args:
+        net: The DiT or MMDiT.
+        routes: TREAD routes.
+        latent_hw: Latent ``(H, W)`` (or side) of the images; defaults to the configured ``net.input_size``.
+    """
     if isinstance(net, MMDiT):
-        return mmdit_flops(net, routes)
-    n, d, depth = net.num_tokens, net.hidden_size, net.depth
+        return mmdit_flops(net, routes, latent_hw=latent_hw)
+    n, d, depth = net.tokens_for(latent_hw), net.hidden_size, net.depth
     tokens = tokens_per_block(resolve_routes(routes, depth), depth, n)
     p, c = net.patch_size, net.in_channels
     other = 2 * n * c * p * p * d  # patch embedding
@@ -56,16 +62,18 @@ def model_flops(net: DiT | MMDiT, routes) -> Flops:
     return Flops(dense, routed, other)
 
 
-def mmdit_flops(net: MMDiT, routes, text_len: int | None = None) -> Flops:
+def mmdit_flops(net: MMDiT, routes, text_len: int | None = None,
+                latent_hw: int | tuple[int, int] | None = None) -> Flops:
     """Forward FLOPs per image of an MMDiT, dense and with ``routes`` (image tokens routed, text never).
 
     Args:
         net: The MMDiT.
         routes: TREAD routes.
         text_len: Padded text tokens per sample; defaults to ``net.text_len``.
+        latent_hw: Latent ``(H, W)`` (or side) of the images; defaults to the configured ``net.input_size``.
     """
     lt = net.text_len if text_len is None else text_len
-    n, d, p = net.num_tokens, net.hidden_size, net.patch_size
+    n, d, p = net.tokens_for(latent_hw), net.hidden_size, net.patch_size
     other = 2 * n * net.in_channels * p * p * d  # patch embedding
     other += 2 * lt * net.text_dim * d  # text token projection
     other += 2 * (256 * d + d * d) + 2 * (net.pooled_dim * d + d * d)  # timestep and pooled-text MLPs

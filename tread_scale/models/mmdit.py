@@ -35,23 +35,19 @@ A plain ``torch.nn.Module``: no trainer imports.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from tread_scale.models.conditioning import TextCondition
-from tread_scale.models.dit import FinalLayer, InitMode, Mlp, modulate
+from tread_scale.models.dit import FinalLayer, Mlp, modulate
 from tread_scale.models.embeddings import PatchEmbed, TimestepEmbedder, sincos_2d
-from tread_scale.models.patched import PatchTokenNet
+from tread_scale.models.patched import InitMode, PatchTokenNet
 from tread_scale.models.rope import apply_rope, rope_angles, rope_table
 from tread_scale.routing.flops import mmdit_block_flops
 from tread_scale.routing.tokens import gather_tokens, scatter_tokens
-
-if TYPE_CHECKING:
-    from tread_scale.routing.router import TokenRouter
 
 log = logging.getLogger(__name__)
 
@@ -203,29 +199,28 @@ class MMDiT(PatchTokenNet):
     prediction shaped like ``x``. Implements :class:`~tread_scale.routing.protocol.Routable` with the image
     tokens as the routable tokens.
 
+    The model is configured for ``input_size`` but runs on any ``H × W`` that the patch divides (aspect-ratio
+    buckets, multi-resolution training): ``sincos`` and ``rope`` positions are computed for the input's grid,
+    ``sd3`` crops its table to any grid up to ``pos_embed_max_size`` patches a side, and ``learned`` positions
+    exist for the configured grid only.
+
     Args:
-        input_size: Latent side H (= W), or ``(H, W)``.
-        patch_size: Patch side p; must divide H and W.
-        in_channels: Latent channels C.
         hidden_size: Token width D.
         depth: Number of joint blocks.
         num_heads: Attention heads.
-        mlp_ratio: MLP width multiple.
         text_dim: Width of the per-token text embeddings (4096: T5-XXL).
         pooled_dim: Width of the pooled text embedding (2048: CLIP-L + CLIP-G pooled, concatenated).
-        out_channels: Output channels; defaults to ``in_channels``.
-        pos_embed: ``sincos``, ``learned`` or ``rope`` (see the module docstring).
+        pos_embed: ``sincos``, ``learned``, ``rope`` or ``sd3`` (see the module docstring).
         qk_norm: RMSNorm on each head's queries and keys.
         rope_theta: RoPE frequency base.
         text_len: Padded text length assumed by FLOP accounting (:meth:`block_flops`); the forward pass
             accepts any length.
-        init: ``adaln_zero`` (zeroed modulation and output layer) or ``xavier_all`` (xavier everywhere, as the
-            TREAD reference does for the DiT).
-        timestep_scale: Multiplier of ``t`` before the timestep sinusoid (1000 for rectified flow, as SD3).
-        pos_embed_max_size: Side of SD3's position table (``pos_embed='sd3'``; 192 in SD3 and SD3.5).
         text_mask: Mask padded text tokens out of the joint attention (exact for any padding). ``False`` is
             SD3's and Flux's choice: every text token, padding included, is a key; no mask is passed, so SDPA
             may take its flash kernel.
+        pos_embed_max_size: Side of SD3's position table (``pos_embed='sd3'``; 192 in SD3 and SD3.5).
+        **patch_args: ``input_size``, ``patch_size``, ``in_channels``, ``mlp_ratio``, ``out_channels``,
+            ``init`` and ``timestep_scale``, as :class:`~tread_scale.models.patched.PatchTokenNet` takes them.
 
     Raises:
         ValueError: If the patch does not divide the latent, the width does not fit the heads, RoPE is asked
@@ -235,49 +230,29 @@ class MMDiT(PatchTokenNet):
     def __init__(
         self,
         *,
-        input_size: int | tuple[int, int] = 32,
-        patch_size: int = 2,
-        in_channels: int = 4,
         hidden_size: int = 1536,
         depth: int = 24,
         num_heads: int = 24,
-        mlp_ratio: float = 4.0,
         text_dim: int = 4096,
         pooled_dim: int = 2048,
-        out_channels: int | None = None,
         pos_embed: PosEmbed = "rope",
         qk_norm: bool = True,
         rope_theta: float = 10000.0,
         text_len: int = 256,
-        init: InitMode = "adaln_zero",
-        timestep_scale: float = 1.0,
         text_mask: bool = True,
         pos_embed_max_size: int | None = None,
+        **patch_args: Any,
     ) -> None:
-        super().__init__()
-        h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-        if h % patch_size or w % patch_size:
-            raise ValueError(f"patch_size {patch_size} does not divide the latent size {h}x{w}")
-        if init not in ("adaln_zero", "xavier_all"):
-            raise ValueError(f"init must be 'adaln_zero' or 'xavier_all', got {init!r}")
         if pos_embed not in ("sincos", "learned", "rope", "sd3"):
             raise ValueError(f"pos_embed must be 'sincos', 'learned', 'rope' or 'sd3', got {pos_embed!r}")
-        if pos_embed == "sd3" and not (pos_embed_max_size and pos_embed_max_size >= max(h, w) // patch_size):
-            raise ValueError(f"pos_embed='sd3' needs pos_embed_max_size >= the latent grid's side "
-                             f"{max(h, w) // patch_size}, got {pos_embed_max_size}")
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        super().__init__(hidden_size=hidden_size, num_heads=num_heads, **patch_args)
+        if pos_embed == "sd3" and not (pos_embed_max_size and pos_embed_max_size >= max(self.grid)):
+            raise ValueError(f"pos_embed='sd3' needs pos_embed_max_size >= the latent grid's side "
+                             f"{max(self.grid)}, got {pos_embed_max_size}")
         if pos_embed == "rope" and (hidden_size // num_heads) % 4:
             raise ValueError(f"pos_embed='rope' needs a head dimension divisible by 4, got {hidden_size // num_heads}")
-        self.input_size = (h, w)
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.out_channels = out_channels or in_channels
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
-        self.mlp_ratio = mlp_ratio
         self.text_dim = text_dim
         self.pooled_dim = pooled_dim
         self.pos_embed_type = pos_embed
@@ -285,12 +260,6 @@ class MMDiT(PatchTokenNet):
         self.rope_theta = rope_theta
         self.pos_embed_max_size = pos_embed_max_size if pos_embed == "sd3" else None
         self.text_len = text_len
-        self.grid = (h // patch_size, w // patch_size)
-        self.num_tokens = self.grid[0] * self.grid[1]
-        self.grad_checkpointing = False
-
-        self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
-        self.t_embedder = TimestepEmbedder(hidden_size, scale=timestep_scale)
         self.mask_text = bool(text_mask)
         self.pooled_embedder = PooledEmbedder(pooled_dim, hidden_size)
         self.context_embedder = nn.Linear(text_dim, hidden_size, bias=True)
@@ -304,19 +273,14 @@ class MMDiT(PatchTokenNet):
         else:
             self.pos_embed = None
         self.blocks = nn.ModuleList(
-            MMDiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, text_output=i < depth - 1) for i in range(depth)
+            MMDiTBlock(hidden_size, num_heads, self.mlp_ratio, qk_norm, text_output=i < depth - 1) for i in range(depth)
         )
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, self.patch_size, self.out_channels)
         self.register_buffer("null_emb", torch.zeros(1, 1, text_dim))
         self.register_buffer("null_mask", torch.zeros(1, 1, dtype=torch.bool))
         self.register_buffer("null_pooled", torch.zeros(1, pooled_dim))
         self.register_load_state_dict_pre_hook(_resize_null_condition)
-        self.router: TokenRouter | None = None
-        self.initialize_weights(init)
-
-    @property
-    def depth(self) -> int:
-        return len(self.blocks)
+        self.initialize_weights(self.init_mode)
 
     @property
     def null_condition(self) -> TextCondition:
@@ -350,6 +314,11 @@ class MMDiT(PatchTokenNet):
         self.null_pooled = cond.pooled.detach().to(device, torch.float32).clone()
 
     @property
+    def fixed_sincos(self) -> bool:
+        """Whether ``pos_embed`` is the fixed sin-cos table of the configured grid (``pos_embed='sincos'``)."""
+        return self.pos_embed_type == "sincos"
+
+    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
@@ -367,28 +336,12 @@ class MMDiT(PatchTokenNet):
     def initialize_weights(self, init: InitMode) -> None:
         """Re-initialise every weight per ``init``: xavier-uniform linears with zero biases, N(0, 0.02) for the
         timestep MLP and a learned position table, and (``adaln_zero``) zeroed modulation and output layers."""
-
-        def _basic(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.RMSNorm):
-                module.reset_parameters()
-
-        self.apply(_basic)
-        conv = self.x_embedder.proj
-        nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
-        nn.init.zeros_(conv.bias)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        normal = [self.t_embedder.mlp[0].weight, self.t_embedder.mlp[2].weight]
         if isinstance(self.pos_embed, nn.Parameter):
-            nn.init.normal_(self.pos_embed, std=0.02)
-        if init == "adaln_zero":
-            zeroed = [s.adaLN_modulation[-1] for b in self.blocks for s in (b.img, b.txt)]
-            zeroed += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
-            for lin in zeroed:
-                nn.init.zeros_(lin.weight)
-                nn.init.zeros_(lin.bias)
+            normal.append(self.pos_embed)
+        zeroed = [s.adaLN_modulation[-1] for b in self.blocks for s in (b.img, b.txt)]
+        zeroed += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        self._reset_weights(init, normal, zeroed)
 
     def fsdp_wrap_fn(self, module: nn.Module) -> bool:
         """FSDP wrap units: each block, each embedder and the final layer (read by Composer's FSDP2 policy)."""
@@ -406,24 +359,60 @@ class MMDiT(PatchTokenNet):
         stream (never a table) ran their whole residual stream in bf16.
         """
         img = self.x_embedder(x).float()
-        if self.pos_embed is not None:
-            img = img + (self.cropped_pos_embed() if self.pos_embed_max_size else self.pos_embed)
+        positions = self.additive_positions(self.grid_of(x.shape[-2], x.shape[-1]))
+        if positions is not None:
+            img = img + positions
         txt = self.context_embedder(cond.emb.to(self.context_embedder.weight.dtype)).float()
         c = self.t_embedder(t) + self.pooled_embedder(cond.pooled.to(img.dtype))
         return img, txt, c
 
-    def cropped_pos_embed(self) -> torch.Tensor:
-        """``(1, N, D)``: the centre ``grid`` of SD3's ``pos_embed_max_size``² table (``pos_embed='sd3'``)."""
-        m, (gh, gw) = self.pos_embed_max_size, self.grid
+    def additive_positions(self, grid: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """``(1, N, D)`` position table added to the image tokens of ``grid`` (default: the configured grid);
+        None for ``pos_embed='rope'``.
+
+        Raises:
+            ValueError: For ``pos_embed='learned'`` on a grid other than the configured one (a learned table
+                exists for that grid only), or ``pos_embed='sd3'`` on a grid larger than SD3's table.
+        """
+        grid = self.grid if grid is None else tuple(grid)
+        if self.pos_embed_type == "rope":
+            return None
+        if self.pos_embed_type == "sd3":
+            return self.cropped_pos_embed(grid)
+        if self.pos_embed_type == "learned":
+            if grid != self.grid:
+                (gh, gw), (ch, cw), p = grid, self.grid, self.patch_size
+                raise ValueError(f"pos_embed='learned' has a position table for the configured patch grid {ch}x{cw} "
+                                 f"(latent {ch * p}x{cw * p}) only; got the grid {gh}x{gw} (latent {gh * p}x{gw * p})")
+            return self.pos_embed
+        return self.sincos_positions(grid)
+
+    def cropped_pos_embed(self, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """``(1, N, D)``: the centre ``grid`` (default: the configured grid) of SD3's ``pos_embed_max_size``²
+        table (``pos_embed='sd3'``).
+
+        Raises:
+            ValueError: If ``grid`` does not fit in the table.
+        """
+        m, (gh, gw) = self.pos_embed_max_size, (self.grid if grid is None else grid)
+        if gh > m or gw > m:
+            raise ValueError(f"pos_embed='sd3' crops a table of pos_embed_max_size={m} patches per side; the latent's "
+                             f"patch grid {gh}x{gw} is larger")
         top, left = (m - gh) // 2, (m - gw) // 2
         table = self.pos_embed.reshape(1, m, m, -1)[:, top:top + gh, left:left + gw, :]
         return table.reshape(1, gh * gw, -1)
 
-    def rope_table(self, device: torch.device | str | None = None) -> torch.Tensor | None:
-        """``(1, N, head_dim)`` float32 RoPE table of the image tokens (None unless ``pos_embed='rope'``)."""
+    def rope_table(self, device: torch.device | str | None = None,
+                   grid: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """``(1, N, head_dim)`` float32 RoPE table of the image tokens of ``grid`` (default: the configured grid),
+        row-major as the tokens; None unless ``pos_embed='rope'``. Cached per grid and device."""
         if self.pos_embed_type != "rope":
             return None
-        return rope_table(rope_angles(self.head_dim, *self.grid, theta=self.rope_theta, device=device)).unsqueeze(0)
+        grid = self.grid if grid is None else tuple(grid)
+        return self._grid_table(
+            ("rope", grid, device),
+            lambda: rope_table(rope_angles(self.head_dim, *grid, theta=self.rope_theta, device=device)).unsqueeze(0),
+        )
 
     @staticmethod
     def joint_mask(text_mask: torch.Tensor | None, image_tokens: int) -> torch.Tensor | None:
@@ -433,12 +422,8 @@ class MMDiT(PatchTokenNet):
         image = text_mask.new_ones(text_mask.shape[0], image_tokens)
         return torch.cat([text_mask, image], dim=1)[:, None, None, :]
 
-    def _check_inputs(self, x: torch.Tensor, cond: TextCondition) -> None:
-        if x.shape[1:] != (self.in_channels, *self.input_size):
-            raise ValueError(
-                f"MMDiT expects latents of shape (B, {self.in_channels}, {self.input_size[0]}, {self.input_size[1]}),"
-                f" got {tuple(x.shape)}"
-            )
+    def _check_inputs(self, x: torch.Tensor, cond: TextCondition) -> tuple[int, int]:
+        grid = self.check_latents(x)
         if not isinstance(cond, TextCondition):
             raise TypeError(f"MMDiT is conditioned on a TextCondition, got {type(cond).__name__}")
         if cond.emb.shape[-1] != self.text_dim or cond.pooled.shape[-1] != self.pooled_dim:
@@ -446,6 +431,7 @@ class MMDiT(PatchTokenNet):
                              f"{self.pooled_dim}, got {cond.emb.shape[-1]} and {cond.pooled.shape[-1]}")
         if len(cond) != x.shape[0]:
             raise ValueError(f"the text condition has batch {len(cond)} but the latents have batch {x.shape[0]}")
+        return grid
 
     def forward(
         self,
@@ -460,49 +446,51 @@ class MMDiT(PatchTokenNet):
         """Predict from a noisy latent.
 
         Args:
-            x: ``(B, C, H, W)`` network input.
+            x: ``(B, C, H, W)`` network input; H and W are any multiples of the patch size (``learned``
+                positions: the configured size only; ``sd3``: up to ``pos_embed_max_size`` patches a side).
             t: ``(B,)`` or scalar noise-level input of the timestep embedder.
             cond: The text condition of batch B (use ``cond.expand(B)`` for a batch-1 condition).
-            force_routing: Route even in eval mode (TREAD guidance).
+            force_routing: Route image tokens in eval mode too; with ``rate_override`` and ``routing_seed``,
+                the routing options of :meth:`route_schedule`.
             rate_override: Replace every route's rate (inference only).
-            routing_seed: Draw the routed subsets from this seed (or one seed per sample) instead of the
-                router's stream.
+            routing_seed: Seed, or per-sample seeds, of the routed subsets (else the router's stream).
 
         Returns:
-            ``(B, out_channels, H, W)`` prediction.
+            ``(B, out_channels, H, W)``, shaped like ``x``.
+
+        Raises:
+            ValueError: Naming the expected shape, if the channels are wrong or the patch does not divide H, W;
+                or if the position mode has no table for the latent's grid.
         """
-        self._check_inputs(x, cond)
+        grid = self._check_inputs(x, cond)
+        n = grid[0] * grid[1]
         b = x.shape[0]
         if t.ndim == 0:
             t = t.expand(b)
         img, txt, c = self.embed(x, t, cond)
-        rope = self.rope_table(img.device)
+        rope = self.rope_table(img.device, grid=grid)
         if rope is not None:
             rope = rope.expand(b, -1, -1)
         # One host sync per call: an all-valid batch passes no mask, so SDPA may use its flash kernel.
         text_mask = None if not self.mask_text or bool(cond.mask.all()) else cond.mask.to(img.device)
-        mask = self.joint_mask(text_mask, self.num_tokens)
+        mask = self.joint_mask(text_mask, n)
+        schedule = self.route_schedule(b, n, img.device, force_routing=force_routing, rate_override=rate_override,
+                                       routing_seed=routing_seed)
 
-        schedule = {}
-        if self.router is not None:
-            schedule = self.router.schedule(
-                b, self.routable_tokens, img.device,
-                training=self.training, force=force_routing, rate_override=rate_override, seed=routing_seed,
-            )
-        saved, ids, end = None, None, -1
-        for i, block in enumerate(self.blocks):
-            if i in schedule:
-                end, ids = schedule[i]
-                saved = (img, rope, mask)
-                img = gather_tokens(img, ids)
-                rope = gather_tokens(rope, ids) if rope is not None else None
-                mask = self.joint_mask(text_mask, ids.shape[1])
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                img, txt = checkpoint(block, img, txt, c, rope, mask, use_reentrant=False)
-            else:
-                img, txt = block(img, txt, c, rope, mask)
-            if i == end:
-                img = scatter_tokens(saved[0], ids, img)
-                rope, mask = saved[1], saved[2]
-                saved, ids, end = None, None, -1
-        return self.unpatchify(self.final_layer(img, c))
+        def run(block: nn.Module, state: tuple) -> tuple:
+            img, txt, rope, mask = state
+            return (*self.call_block(block, img, txt, c, rope, mask), rope, mask)
+
+        def enter(state: tuple, ids: torch.Tensor) -> tuple[tuple, tuple]:
+            # the kept image tokens take their RoPE rows (same ids) along; text tokens are never routed
+            img, txt, rope, mask = state
+            routed = (gather_tokens(img, ids), txt, gather_tokens(rope, ids) if rope is not None else None,
+                      self.joint_mask(text_mask, ids.shape[1]))
+            return routed, (img, rope, mask)
+
+        def leave(saved: tuple, ids: torch.Tensor, state: tuple) -> tuple:
+            img, txt = state[0], state[1]
+            return scatter_tokens(saved[0], ids, img), txt, saved[1], saved[2]
+
+        img = self.run_blocks((img, txt, rope, mask), schedule, run, enter, leave)[0]
+        return self.unpatchify(self.final_layer(img, c), grid)

@@ -68,24 +68,30 @@ def routed_block_fraction(
     return sum(block_flops(n, hidden, mlp_ratio) for n in tokens) / (depth * dense)
 
 
-def routed_block_flops(net: Routable, routes: Sequence[Route | ResolvedRoute | Mapping]) -> tuple[float, float]:
+def routed_block_flops(net: Routable, routes: Sequence[Route | ResolvedRoute | Mapping],
+                       num_tokens: int | None = None) -> tuple[float, float]:
     """Block FLOPs of one sample, dense and with ``routes``, of any :class:`~tread_scale.routing.protocol.Routable`.
 
     Args:
         net: The model (only its protocol members are used).
         routes: Routes, resolved against ``net.depth`` here.
+        num_tokens: Routable tokens per sample; defaults to ``net.routable_tokens`` (the configured size). For
+            a latent of another size (an aspect-ratio bucket), pass that grid's count, e.g.
+            ``net.tokens_for((h, w))`` of a DiT or MMDiT.
 
     Returns:
         ``(dense, routed)`` forward FLOPs summed over the blocks.
     """
-    depth, n = net.depth, net.routable_tokens
+    depth, n = net.depth, net.routable_tokens if num_tokens is None else num_tokens
     tokens = tokens_per_block(resolve_routes(routes, depth), depth, n)
     dense = sum(net.block_flops(n, i) for i in range(depth))
     routed = sum(net.block_flops(k, i) for i, k in enumerate(tokens))
     return dense, routed
 
 
-def routed_flops_fraction(net: Routable, routes: Sequence[Route | ResolvedRoute | Mapping]) -> float:
-    """Block FLOPs with ``routes`` as a fraction of the dense blocks' FLOPs, for any Routable model."""
-    dense, routed = routed_block_flops(net, routes)
+def routed_flops_fraction(net: Routable, routes: Sequence[Route | ResolvedRoute | Mapping],
+                          num_tokens: int | None = None) -> float:
+    """Block FLOPs with ``routes`` as a fraction of the dense blocks' FLOPs, for any Routable model
+    (``num_tokens``: routable tokens per sample, as in :func:`routed_block_flops`)."""
+    dense, routed = routed_block_flops(net, routes, num_tokens)
     return routed / dense

@@ -21,9 +21,11 @@ class Routable(Protocol):
 
     * ``attach_router(router)`` calls ``router.check_depth(self.depth)``, stores the router as
       ``self.router`` (``None`` until then) and raises ``RuntimeError`` if one is already attached.
-    * Each forward pass calls ``router.schedule(B, self.routable_tokens, device, training=self.training,
-      force=..., rate_override=..., seed=...)`` once, before the first block, and gets
-      ``{start: (end, ids_keep)}`` with ``ids_keep`` ``(B, K)`` indices into the routable tokens.
+    * Each forward pass calls ``router.schedule(B, N, device, training=self.training, force=...,
+      rate_override=..., seed=...)`` once, before the first block, with ``N`` the routable tokens of *this
+      call* (``self.routable_tokens`` at the configured size; a model that runs on any latent grid, like the
+      DiT and the MMDiT, passes the token count of the input's grid), and gets ``{start: (end, ids_keep)}``
+      with ``ids_keep`` ``(B, K)`` indices into the routable tokens, ``K`` the route's share of ``N``.
     * Before block ``start`` it gathers the kept routable tokens, and everything that is per routable token
       and must travel with them (e.g. RoPE position tables), runs blocks ``start..end`` on the shorter
       sequence, and after block ``end`` scatters the kept tokens back into the sequence as it was at
@@ -45,7 +47,8 @@ class Routable(Protocol):
 
     @property
     def routable_tokens(self) -> int:
-        """Tokens per sample that may be routed (N of the router's draws)."""
+        """Tokens per sample that may be routed at the configured input size (N of the router's draws; the
+        default of FLOP accounting)."""
         ...
 
     def attach_router(self, router: TokenRouter) -> None:

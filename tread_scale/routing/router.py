@@ -81,7 +81,7 @@ class TokenRouter(nn.Module):
 
         Args:
             batch: Batch size B.
-            num_tokens: Sequence length N.
+            num_tokens: Routable tokens N of this call (e.g. of the batch's latent grid).
             device: Device of the tokens.
             training: Whether the model is in training mode.
             force: Route even outside training.

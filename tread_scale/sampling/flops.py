@@ -47,19 +47,20 @@ class SamplingFlops:
         x, cond = args[0], args[2] if len(args) > 2 else kwargs.get("y")
         rate = kwargs.get("rate_override") if kwargs.get("force_routing") else None
         text_len = getattr(cond, "text_len", None)
-        key = (rate, text_len)
+        hw = tuple(int(v) for v in x.shape[-2:])
+        key = (rate, text_len, hw)
         if key not in self._cache:
-            self._cache[key] = self._flops(rate, text_len)
+            self._cache[key] = self._flops(rate, text_len, hw)
         self.total += self._cache[key] * x.shape[0]
         self.calls += 1
 
-    def _flops(self, rate: float | None, text_len: int | None) -> float:
+    def _flops(self, rate: float | None, text_len: int | None, latent_hw: tuple[int, int]) -> float:
         router = getattr(self.net, "router", None)
         routes = [] if rate is None or router is None else [Route(rate, r.start, r.end) for r in router.routes]
         if text_len is not None:
-            flops = mmdit_flops(self.net, routes, text_len=text_len)
+            flops = mmdit_flops(self.net, routes, text_len=text_len, latent_hw=latent_hw)
         else:
-            flops = model_flops(self.net, routes)
+            flops = model_flops(self.net, routes, latent_hw=latent_hw)
         return flops.routed if routes else flops.dense
 
     def per_image(self, rows: int) -> float:

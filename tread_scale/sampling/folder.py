@@ -18,7 +18,8 @@ from tread_scale.diffusion.guidance import Guidance
 from tread_scale.errors import ConfigError
 from tread_scale.imaging import save_png
 from tread_scale.sampling.flops import SamplingFlops, counted
-from tread_scale.sampling.generate import capped_batch_size, generate, rank_indices, rows_on_rank0, world
+from tread_scale.sampling.generate import (capped_batch_size, generate, latent_size_of, rank_indices, rows_on_rank0,
+                                          world)
 from tread_scale.sampling.grid import CAPTIONS_FILE, DEFAULT_GRID_MAX, captioned_grid, grid_columns, grid_image, \
     write_captions
 from tread_scale.sampling.loading import load_net, make_decoder
@@ -34,7 +35,8 @@ def sample_to_folder(weights: str, out: str, *, num: int | None = None, seed: in
                      clip: str | None = None, clip_l: str | None = None, clip_g: str | None = None,
                      steps: int | None = None, guidance: Guidance | None = None,
                      vae: str | None = None, batch_size: int = 64, device: str = "auto",
-                     grid_max: int = DEFAULT_GRID_MAX, count_flops: bool = False) -> dict[str, Any]:
+                     grid_max: int = DEFAULT_GRID_MAX, count_flops: bool = False,
+                     size: str | None = None) -> dict[str, Any]:
     """Sample ``num`` images and write ``grid.png`` and ``samples.npz`` into ``out`` (rank 0).
 
     Under torch.distributed every rank generates its share (samples ``rank, rank + W, …``); the files are
@@ -63,6 +65,8 @@ def sample_to_folder(weights: str, out: str, *, num: int | None = None, seed: in
         grid_max: At most this many samples in ``grid.png``.
         count_flops: Also return ``sampling_flops_per_image``: the forward FLOPs of the network calls made while
             generating (:class:`~tread_scale.sampling.flops.SamplingFlops`), per computed row (``sample --sweep``).
+        size: ``WxH`` in pixels to sample at (e.g. one of the training data's aspect-ratio buckets); ``None``:
+            the weights' configured size.
 
     Returns:
         Paths of the written files (``grid``, ``npz``, and ``captions`` for prompts), with ``count_flops`` also
@@ -100,13 +104,14 @@ def sample_to_folder(weights: str, out: str, *, num: int | None = None, seed: in
                                sigma_data=meta.sigma_data, shift=meta.shift)
     rank, world_size = world()
     decode = make_decoder(vae, meta.data.vae, dev)
+    latent_hw = None if size is None else latent_size_of(size, net, pixel_space=meta.data.vae in (None, "none"))
     rows = []
     counter, computed = SamplingFlops(net), 0  # rows computed (padded ones included), for count_flops
     rows_per_batch = capped_batch_size(batch_size, num) if count_flops else 0
     batches = generate(net, settings.objective, rank_indices(num, rank, world_size), seed=seed,
                        num_classes=num_classes, steps=settings.steps, guidance=guidance, edm=settings.edm(),
                        device=dev, batch_size=batch_size, decode=decode, labels=labels, prompts=prompt_set,
-                       shift=settings.shift, num=num)
+                       shift=settings.shift, num=num, latent_hw=latent_hw)
     for idx, lat, pixels, ys in (counted(batches, counter) if count_flops else batches):
         rows += list(zip(idx, lat.numpy(), pixels, ys))
         computed += rows_per_batch

@@ -90,8 +90,8 @@ def capped_batch_size(batch_size: int, num: int | None) -> int:
 def generate(net: nn.Module, objective: str, indices: list[int], *, seed: int, num_classes: int, steps: int,
              guidance: Guidance | None, edm: EDM, device: torch.device, batch_size: int,
              decode: Callable[[torch.Tensor], torch.Tensor] | None = None, labels: list[int] | None = None,
-             prompts: PromptSet | None = None, shift: float = 1.0, num: int | None = None
-             ) -> Iterator[tuple[list[int], torch.Tensor, np.ndarray, list[int]]]:
+             prompts: PromptSet | None = None, shift: float = 1.0, num: int | None = None,
+             latent_hw: tuple[int, int] | None = None) -> Iterator[tuple[list[int], torch.Tensor, np.ndarray, list[int]]]:
     """Generate the samples ``indices``, batch by batch.
 
     Args:
@@ -112,6 +112,8 @@ def generate(net: nn.Module, objective: str, indices: list[int], *, seed: int, n
             ``i % len(prompts)``.
         num: The number of samples asked for in all, over every rank (e.g. ``n`` of :func:`rank_indices`);
             batches are at most this big (:func:`capped_batch_size`). ``None``: ``batch_size`` as given.
+        latent_hw: Latent ``(H, W)`` to sample at (an aspect-ratio bucket, see :func:`latent_size_of`);
+            ``None``: the network's configured size.
 
     Yields:
         ``(indices, latents (CPU float32), images (uint8 NHWC), conditions)`` of each batch; the conditions
@@ -130,7 +132,7 @@ def generate(net: nn.Module, objective: str, indices: list[int], *, seed: int, n
     if padding:
         log.info("the last batch of %d computes %d padded sample(s) and discards them (a fixed batch size keeps "
                  "each sample's result the same whatever the number of ranks)", batch_size, padding)
-    shape = (net.in_channels, *net.input_size)
+    shape = (net.in_channels, *(latent_hw or net.input_size))
     for lo in range(0, len(indices), batch_size):
         idx = indices[lo: lo + batch_size]
         pad = batch_size - len(idx)
@@ -148,3 +150,35 @@ def generate(net: nn.Module, objective: str, indices: list[int], *, seed: int, n
         images = decode(lat) if decode is not None else lat
         keep = len(idx)
         yield idx, lat[:keep].float().cpu(), to_uint8(images[:keep]), ys[:keep]
+
+
+def latent_size_of(size: str, net: nn.Module, pixel_space: bool) -> tuple[int, int]:
+    """``--size WxH`` (pixels) → the latent ``(H, W)`` to sample at.
+
+    Args:
+        size: ``WxH`` in pixels, e.g. ``1216x832``.
+        net: The network (its patch size and position scheme decide which grids it can run).
+        pixel_space: The model works on pixels (``vae: none``); else latents are 8x smaller than images.
+
+    Raises:
+        ConfigError: Naming ``--size`` if it is malformed, not divisible by the latent patch, or a grid the
+            network's positions cannot cover.
+    """
+    parts = size.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(f"--size {size!r}: expected WIDTHxHEIGHT in pixels, e.g. 512x384")
+    width, height = (int(p) for p in parts)
+    down = 1 if pixel_space else 8
+    unit = down * net.patch_size
+    if width % unit or height % unit:
+        raise ConfigError(f"--size {size}: width and height must be multiples of {unit} (patch {net.patch_size}"
+                          + ("" if pixel_space else " x the VAE's 8") + ")")
+    hw = (height // down, width // down)
+    if hw != tuple(net.input_size) and getattr(net, "pos_embed_type", None) == "learned":
+        raise ConfigError(f"--size {size}: these weights have learned positions for {net.input_size[1] * down}x"
+                          f"{net.input_size[0] * down} only")
+    max_side = getattr(net, "pos_embed_max_size", None)
+    if max_side and max(hw) // net.patch_size > max_side:
+        raise ConfigError(f"--size {size}: its grid exceeds the weights' position table "
+                          f"({max_side}x{max_side} patches)")
+    return hw

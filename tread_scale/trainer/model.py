@@ -58,19 +58,26 @@ class DiffusionModel(ComposerModel):
         return self.objective.training_loss(net, x, condition_of(batch, x.device), self.net.null_label,
                                             sample_seeds=seeds)
 
-    def train_flops_per_sample(self) -> float:
+    def train_flops_per_sample(self, latent_hw: tuple[int, int] | None = None) -> float:
         """Model FLOPs of one training sample (forward + backward = 3× forward), with the routes in use now
-        (their rates scaled by the routing schedule's current factor).
+        (their rates scaled by the routing schedule's current factor), at the latent ``(H, W)`` of the batch
+        (an aspect-ratio bucket; ``None``: the configured size). Cached per routes and size.
 
         Activation-checkpointing recomputation is not counted (the usual MFU convention).
         """
         router = self.net.router
         routes = router.active_routes() if router is not None and router.enabled else []
-        return model_flops(self.net, routes).train_routed
+        hw = None if latent_hw is None else (int(latent_hw[0]), int(latent_hw[1]))
+        key = (tuple((r.rate, r.start, r.end) for r in routes), hw)
+        cache = self.__dict__.setdefault("_flops_cache", {})
+        if key not in cache:
+            cache[key] = model_flops(self.net, routes, latent_hw=hw).train_routed
+        return cache[key]
 
     def flops_per_batch(self, batch: dict[str, Any]) -> float:
         """Training FLOPs of ``batch`` on this rank (the attribute Composer's ``SpeedMonitor`` reads)."""
-        return batch["latent"].shape[0] * self.train_flops_per_sample()
+        latent = batch["latent"]
+        return latent.shape[0] * self.train_flops_per_sample(tuple(latent.shape[-2:]))
 
     def loss(self, outputs: torch.Tensor, batch: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         return outputs

@@ -102,7 +102,9 @@ class MetricsLog(Callback):
         step = int(state.timestamp.batch)
         samples = int(state.timestamp.sample)
         if self._model is not None:  # the routes in use for this batch (a schedule changes them)
-            batch_flops = (samples - self._samples) * float(self._model.train_flops_per_sample())
+            latent = (state.batch or {}).get("latent") if isinstance(state.batch, dict) else None
+            hw = None if latent is None else tuple(latent.shape[-2:])  # every rank's batch is of one bucket
+            batch_flops = (samples - self._samples) * float(self._model.train_flops_per_sample(hw))
             self._flops += batch_flops
             self._train_flops += batch_flops
         self._samples = samples
