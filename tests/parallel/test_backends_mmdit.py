@@ -24,33 +24,17 @@ from pathlib import Path
 
 import pytest
 
-BACKENDS = {
-    "ddp": ["parallelism.backend=ddp"],
-    "fsdp_reshard": ["parallelism.backend=fsdp", "parallelism.fsdp.reshard_after_forward=true"],
-    "fsdp_keep": ["parallelism.backend=fsdp", "parallelism.fsdp.reshard_after_forward=false",
-                  "parallelism.fsdp.state_dict_type=full"],
-    "zero1": ["parallelism.backend=deepspeed", "parallelism.deepspeed.zero_stage=1"],
-    "zero2": ["parallelism.backend=deepspeed", "parallelism.deepspeed.zero_stage=2"],
-    "zero3": ["parallelism.backend=deepspeed", "parallelism.deepspeed.zero_stage=3"],
-}
-LOSS_RTOL = 1e-4
-WEIGHT_ATOL = 1e-3
-STEPS, RESUME_AT = 6, 3
+from tests.parallel.compare import (
+    BACKENDS, RESUME_AT, STEPS, assert_checkpoint_layout, assert_matches, backend_run_cfg, run_outcome,
+)
 
 
 def mmdit_run_cfg(data: str, out: Path, name: str) -> dict:
     """A tiny TREAD MMDiT run (depth 3, width 64, 3x8x8 pixels, patch 2: 16 image tokens, 8 routed in block 1)."""
-    from tests.conftest import tiny_run_cfg
-
-    cfg = tiny_run_cfg(data, out, train={"max_duration": f"{STEPS}ba", "save_interval": f"{RESUME_AT}ba",
-                                         "global_batch_size": 8, "device_microbatch_size": 2},
-                       logging={"metrics_interval": 1},
-                       routing={"routes": [{"rate": 0.5, "start": 1, "end": 1}]},
-                       objective={"kind": "rf", "label_dropout": 0.25})
+    cfg = backend_run_cfg(data, out, name, routing={"routes": [{"rate": 0.5, "start": 1, "end": 1}]},
+                          objective={"kind": "rf", "label_dropout": 0.25})
     cfg["model"] = {"name": None, "family": "mmdit", "depth": 3, "hidden_size": 64, "num_heads": 4, "patch_size": 2,
                     "in_channels": 3, "input_size": 8}
-    cfg["run_name"] = name
-    cfg["sampling"] = {"every": None, "at_fit_end": False}
     return cfg
 
 
@@ -85,14 +69,12 @@ def captioned(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def reference(captioned, tmp_path_factory):
     """A single-process run (in this process) of the same config: losses and EMA weights after ``STEPS``."""
-    from tests.parallel.launcher import losses
     from tread_scale.config import config_from_dict
     from tread_scale.trainer.builder import train
-    from tread_scale.weights import load_weights
 
     out = tmp_path_factory.mktemp("reference")
     train(config_from_dict(mmdit_run_cfg(captioned, out, "ref")))
-    return losses(out / "ref"), load_weights(out / "ref" / "ema" / "latest.safetensors")[0]
+    return run_outcome(out / "ref")
 
 
 @pytest.fixture(scope="module")
@@ -108,31 +90,19 @@ def runs(captioned, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_mmdit_two_ranks_match_one_process_and_resume(backend, runs, reference, captioned):
-    from tests.parallel.launcher import losses
     from tread_scale.data.metadata import read_empty_prompt
-    from tread_scale.weights import load_weights
 
     run = runs / backend
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1)), f"not resumed at step {RESUME_AT} (a restart logs 1..3 twice): {steps}"
-    ref_losses, ref_weights = reference
-    got = losses(run)
-    for s in steps:
-        assert got[s] == pytest.approx(ref_losses[s], rel=LOSS_RTOL), f"step {s}: {got[s]} vs {ref_losses[s]}"
-    weights, meta = load_weights(run / "ema" / "latest.safetensors")
-    assert meta["step"] == STEPS and weights.keys() == ref_weights.keys()
-    worst = max((weights[k].float() - ref_weights[k].float()).abs().max().item() for k in weights)
-    assert worst < WEIGHT_ATOL, f"EMA weights differ by {worst}"
+    weights = assert_matches(run, reference, steps)
+    ref_weights = reference[1]
     empty = read_empty_prompt(captioned)
     assert weights["null_mask"].dtype == ref_weights["null_mask"].dtype
     for buffer, key in (("null_emb", "text_emb"), ("null_mask", "text_mask"), ("null_pooled", "text_pooled")):
         assert weights[buffer].equal(ref_weights[buffer]), buffer
         assert weights[buffer][0].equal(empty[key].to(weights[buffer].dtype)), f"{buffer} is not the empty prompt"
-    ckpts = run / "checkpoints"
-    if backend == "fsdp_reshard":
-        assert list((ckpts / f"ep0-ba{RESUME_AT}").glob("*.distcp")), "FSDP2 did not write a sharded checkpoint"
-    if backend.startswith("zero"):
-        assert (ckpts / "deepspeed" / f"ba{RESUME_AT}").is_dir() and (ckpts / "deepspeed" / f"ba{STEPS}").is_dir()
+    assert_checkpoint_layout(run, backend)
 
 
 if __name__ == "__main__":

@@ -279,7 +279,10 @@ class TrainConfig:
     (up to ``max_skipped_batches`` in a row; not with DeepSpeed). ``compile``: ``torch.compile`` each DiT
     block (with ``compile_backend``); routing gives a block at most two sequence lengths, so it compiles
     at most two graphs (a ``routing.schedule`` ramp adds one per step, ``ramp_levels``), and the
-    gather/scatter between blocks stays eager.
+    gather/scatter between blocks stays eager. With aspect-ratio buckets the first change of token count makes
+    dynamo treat the sequence length as dynamic, so the count stays at two per block kind whatever the number
+    of buckets (``tests/models/test_compile_buckets.py``: six buckets with routing, 2 graphs for the DiT, 4 for
+    the MMDiT, whose last block differs).
     """
 
     max_duration: str = "400000ba"
