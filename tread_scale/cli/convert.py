@@ -23,6 +23,14 @@ def _common(q: argparse.ArgumentParser) -> None:
     q.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def _buckets(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--buckets", metavar="SPEC",
+                   help="aspect-ratio buckets instead of square crops: AREApx:MULT (e.g. 1024px:64: about 1024² "
+                        "pixels, sides multiples of 64, aspect ratios within 1:4..4:1) or WxH,WxH,... (e.g. "
+                        "256x256,384x192,192x384); each image is resized to cover its nearest-aspect bucket and "
+                        "centre-cropped; --resolution is then unused")
+
+
 def _text_encoders(q: argparse.ArgumentParser, max_length: int | None) -> None:
     q.add_argument("--t5", help="local T5 encoder folder (T5EncoderModel + tokenizer, save_pretrained layout)")
     q.add_argument("--clip", help="local CLIP text encoder folder (CLIPTextModel[WithProjection] + tokenizer)")
@@ -72,6 +80,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     img.add_argument("--batch-size", type=int, default=32)
     img.add_argument("--seed", type=int, default=0)
     img.add_argument("--device", default="cpu")
+    _buckets(img)
     _common(img)
 
     cap = srcs.add_parser(
@@ -88,6 +97,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     cap.add_argument("--batch-size", type=int, default=32, help="images and captions per forward (default 32)")
     cap.add_argument("--seed", type=int, default=0)
     cap.add_argument("--device", default="cpu")
+    _buckets(cap)
     _text_encoders(cap, None)
     _common(cap)
     return p
@@ -112,6 +122,8 @@ def _captions_source(args: argparse.Namespace):
     if fmt == "npz":
         if args.vae:
             raise ConfigError(f"--vae is for images; {args.input} holds precomputed latents (.npz)")
+        if args.buckets:
+            raise ConfigError(f"--buckets is for images; {args.input} holds precomputed latents (.npz)")
         return CaptionNpzSource(folder=args.input, t5=args.t5, clip=args.clip, clip_l=args.clip_l, clip_g=args.clip_g,
                                 max_length=args.max_length,
                                 device=args.device, encoder_dtype=args.encoder_dtype,
@@ -125,7 +137,16 @@ def _captions_source(args: argparse.Namespace):
                                clip_l=args.clip_l, clip_g=args.clip_g,
                                max_length=args.max_length or 77, batch_size=args.batch_size, seed=args.seed,
                                device=args.device, encoder_dtype=args.encoder_dtype,
-                               max_caption_bytes=args.max_caption_bytes)
+                               max_caption_bytes=args.max_caption_bytes, buckets=args.buckets)
+
+
+def _log_buckets(meta) -> None:
+    """Log a bucketed dataset's buckets: pixel size, latent shape, samples."""
+    log.info("%d aspect-ratio bucket(s) from --buckets %s (%s):", len(meta.buckets), meta.bucket_spec, meta.crop_rule)
+    for b in meta.buckets:
+        h, w = b["image_size"]
+        log.info("  %dx%d px (WxH), latent %s: %d sample(s), ids [%d, %d)", w, h, tuple(b["latent_shape"]),
+                 b["count"], b["start"], b["start"] + b["count"])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,10 +174,14 @@ def run(args: argparse.Namespace) -> int:
         source = NpyFolderSource(folder=args.folder, num_classes=args.num_classes)
     else:
         source = ImageFolderSource(folder=args.folder, resolution=args.resolution, vae=args.vae,
-                                   batch_size=args.batch_size, seed=args.seed, device=args.device)
+                                   batch_size=args.batch_size, seed=args.seed, device=args.device,
+                                   buckets=args.buckets)
     meta = convert(source, args.out, opts)
-    log.info("dataset at %s: %d samples of shape %s, %d classes", args.out, meta.num_samples,
+    shape = "reference shape" if meta.buckets is not None else "shape"
+    log.info("dataset at %s: %d samples of %s %s, %d classes", args.out, meta.num_samples, shape,
              tuple(meta.latent_shape), meta.num_classes)
+    if meta.buckets is not None:
+        _log_buckets(meta)
     if meta.text is not None:
         t = meta.text
         log.info("text: %d tokens of width %d, pooled width %d, encoders %s; %d caption(s) truncated to %d tokens, "

@@ -78,7 +78,10 @@ class LatentMetadata:
     """Metadata record of a converted dataset.
 
     Attributes:
-        latent_shape: ``(C, H, W)`` of every sample.
+        latent_shape: ``(C, H, W)`` of every sample. For a bucketed dataset (``buckets`` set) samples have
+            their bucket's shape, and this is the reference shape a model is checked against: the square
+            bucket of side ``AREA`` for ``--buckets AREApx:MULT`` (its target area), the largest-area bucket
+            for an explicit ``WxH,...`` list.
         dtype: Stored dtype of the ``latent`` column.
         num_classes: Number of classes; labels are ``0..num_classes-1``.
         num_samples: Samples in the dataset.
@@ -89,6 +92,15 @@ class LatentMetadata:
         text: How captions were embedded (:class:`TextMetadata`); ``None`` for datasets without text,
             whose metadata file has no ``text`` key. Captioned datasets have one class
             (``num_classes=1``, every label 0).
+        buckets: Aspect-ratio buckets (``tread-scale convert ... --buckets``), in sample order: one dict per
+            bucket with ``latent_shape`` ``[C, h, w]``, ``image_size`` ``[H, W]`` (pixels), ``start`` and
+            ``count``: its samples are ``[start, start + count)`` in the dataset's order (``index.json``),
+            which is also their ``id`` unless unreadable images were skipped. Such datasets store
+            ``orig_size`` (``ndarray:int32:2``, H, W of the original image) and ``crop_box``
+            (``ndarray:int32:4``, top, left, height, width in original pixels) per sample. ``None`` for square
+            datasets, whose metadata file has none of the three bucket keys.
+        bucket_spec: The ``--buckets`` value the buckets were made from.
+        crop_rule: How images were made to fit their bucket (one sentence).
     """
 
     latent_shape: tuple[int, int, int]
@@ -102,12 +114,18 @@ class LatentMetadata:
     format: str = FORMAT
     extra: dict = field(default_factory=dict)
     text: TextMetadata | None = None
+    buckets: list[dict] | None = None
+    bucket_spec: str | None = None
+    crop_rule: str | None = None
 
     def to_json(self) -> str:
         d = asdict(self)
         d["latent_shape"] = list(self.latent_shape)
         if self.text is None:
             del d["text"]  # datasets without captions keep exactly their former metadata
+        if self.buckets is None:
+            for key in BUCKET_KEYS:  # nor do square datasets
+                del d[key]
         return json.dumps(d, indent=2, sort_keys=True)
 
     @classmethod
@@ -120,6 +138,46 @@ class LatentMetadata:
             return cls(**d)
         except (ValueError, KeyError, TypeError) as e:
             raise DatasetError(f"{where}: malformed dataset metadata ({type(e).__name__}: {e})") from None
+
+
+#: The metadata keys of a bucketed dataset (absent from a square dataset's file).
+BUCKET_KEYS = ("buckets", "bucket_spec", "crop_rule")
+#: The per-sample columns of a bucketed dataset, besides ``latent``, ``label`` and ``id``.
+BUCKET_COLUMNS = {"orig_size": "ndarray:int32:2", "crop_box": "ndarray:int32:4"}
+
+
+def bucket_ranges(meta: LatentMetadata) -> list[tuple[int, int, tuple[int, int, int]]]:
+    """``(start, stop, latent_shape)`` of each bucket, in sample order: samples ``[start, stop)`` share a shape.
+
+    A square dataset is one range of its ``latent_shape`` over all samples.
+
+    Raises:
+        DatasetError: If the buckets do not cover ``0 .. num_samples - 1`` exactly once, in order.
+    """
+    if meta.buckets is None:
+        return [(0, meta.num_samples, tuple(meta.latent_shape))]
+    out, at = [], 0
+    for k, b in enumerate(meta.buckets):
+        start, count = int(b["start"]), int(b["count"])
+        if start != at or count <= 0:
+            raise DatasetError(f"metadata buckets[{k}] covers samples [{start}, {start + count}), expected it to "
+                               f"start at {at} with at least one sample")
+        out.append((start, start + count, tuple(int(x) for x in b["latent_shape"])))
+        at = start + count
+    if at != meta.num_samples:
+        raise DatasetError(f"metadata buckets cover {at} samples but num_samples is {meta.num_samples}")
+    return out
+
+
+def bucket_of_ids(meta: LatentMetadata) -> np.ndarray:
+    """The bucket index (into ``meta.buckets``) of every sample, in sample order: ``(num_samples,)`` int32.
+
+    All zeros for a square dataset.
+    """
+    out = np.zeros(meta.num_samples, np.int32)
+    for k, (start, stop, _) in enumerate(bucket_ranges(meta)):
+        out[start:stop] = k
+    return out
 
 
 def read_metadata(root: str) -> LatentMetadata:

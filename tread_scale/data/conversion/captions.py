@@ -28,7 +28,8 @@ import numpy as np
 
 from tread_scale.data.metadata import TextMetadata, encode_caption
 from tread_scale.data.conversion.sources import (IMAGE_SUFFIXES, ImageEncoder, Plan, Sample, Source, _npz_keys,
-                                                 check_sample, encode_image_chunks, files_stamp, vae_plan)
+                                                 bucket_starts, bucketed_item_loader, check_sample,
+                                                 encode_image_chunks, files_stamp, plan_buckets, vae_plan)
 from tread_scale.errors import ConfigError, DatasetError
 from tread_scale.jsonl import json_objects
 
@@ -215,6 +216,8 @@ class CaptionFolderSource(Source):
         device: Device of the VAE and the text encoders.
         encoder_dtype: Compute dtype of the text encoders: ``float32`` (default), ``bfloat16`` or ``float16``.
         max_caption_bytes: Most bytes of a stored caption string (longer ones are cut and counted).
+        buckets: Aspect-ratio buckets (``AREApx:MULT`` or ``WxH,...``), as for
+            :class:`~tread_scale.data.conversion.sources.ImageFolderSource`; ``None``: square crops.
     """
 
     input: str = ""
@@ -230,6 +233,7 @@ class CaptionFolderSource(Source):
     device: str = "cpu"
     encoder_dtype: str = "float32"
     max_caption_bytes: int = 1024
+    buckets: str | None = None
     kind = "captions"
 
     def _manifest(self) -> Path | None:
@@ -279,11 +283,14 @@ class CaptionFolderSource(Source):
             stamped += [p.with_suffix(CAPTION_SUFFIX) for p in stamped if p.with_suffix(CAPTION_SUFFIX).is_file()]
         else:
             stamped.append(manifest)
-        return {"kind": self.kind, "input": str(Path(self.input).resolve()), "resolution": self.resolution,
-                "vae": self.vae if self.vae == "none" else str(Path(self.vae).resolve()), "seed": self.seed,
-                "batch_size": self.batch_size, "max_length": self.max_length, "encoder_dtype": self.encoder_dtype,
-                "max_caption_bytes": self.max_caption_bytes, "encoders": _encoder_describe(encoder_folders(self)),
-                "files": len(entries), "stamp": files_stamp(sorted(stamped))}
+        out = {"kind": self.kind, "input": str(Path(self.input).resolve()), "resolution": self.resolution,
+               "vae": self.vae if self.vae == "none" else str(Path(self.vae).resolve()), "seed": self.seed,
+               "batch_size": self.batch_size, "max_length": self.max_length, "encoder_dtype": self.encoder_dtype,
+               "max_caption_bytes": self.max_caption_bytes, "encoders": _encoder_describe(encoder_folders(self)),
+               "files": len(entries), "stamp": files_stamp(sorted(stamped))}
+        if self.buckets is not None:
+            out["buckets"] = self.buckets
+        return out
 
     def plan(self) -> Plan:
         _check_dtype(self.encoder_dtype)
@@ -298,20 +305,35 @@ class CaptionFolderSource(Source):
                                f"missing): {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
         items = [(str(p), caption.strip()) for p, caption, _ in entries]
         text = text_plan(encoder_folders(self), self.max_length, [c for _, c in items], self.max_caption_bytes)
-        return Plan(items, num_classes=1, text=text, **vae_plan(self.vae, self.resolution))
+        if self.buckets is None:
+            return Plan(items, num_classes=1, text=text, **vae_plan(self.vae, self.resolution))
+        layout = plan_buckets([Path(path) for path, _ in items], self.buckets, self.vae)
+        return Plan([(*items[j], b, orig, crop) for j, b, orig, crop in layout.order], num_classes=1, text=text,
+                    **layout.plan)
 
-    def load(self, items: Sequence[tuple[int, tuple[str, str]]], plan: Plan) -> Iterator[Sample]:
+    def load(self, items: Sequence[tuple[int, tuple]], plan: Plan) -> Iterator[Sample]:
         images = ImageEncoder(self.vae, self.device, self.seed)
         text = cached_text_encoder(encoder_folders(self), self.max_length, self.device, self.encoder_dtype)
         owned = dict(items)
-        for chunk, latents, readable in encode_image_chunks(list(owned), len(plan.items), self.batch_size,
-                                                            lambda i: Path(plan.items[i][0]), self.resolution, images):
+        bucketed = plan.buckets is not None
+
+        def path_of(i: int) -> Path:
+            return Path(plan.items[i][0])
+
+        for chunk, latents, readable in encode_image_chunks(
+                list(owned), len(plan.items), self.batch_size, path_of, self.resolution, images,
+                pixels_of=bucketed_item_loader(plan, path_of) if bucketed else None, starts=bucket_starts(plan)):
             captions = [plan.items[i][1] for i in chunk]
             rows = encode_captions(text, captions, [plan.items[i][0] for i in chunk])
             for i, latent, ok, row in zip(chunk, latents, readable, rows):
                 if ok and i in owned:
-                    check_sample(latent, 0, plan, row["where"])
-                    yield Sample(i, latent, 0, text=row)
+                    if not bucketed:
+                        check_sample(latent, 0, plan, row["where"])
+                        yield Sample(i, latent, 0, text=row)
+                        continue
+                    bucket, orig, crop = owned[i][2:]
+                    check_sample(latent, 0, plan, row["where"], shape=plan.buckets[bucket]["latent_shape"])
+                    yield Sample(i, latent, 0, text=row, orig_size=tuple(orig), crop_box=tuple(crop))
 
     def empty_prompt(self, plan: Plan) -> dict[str, np.ndarray]:
         return _empty_prompt_of(cached_text_encoder(encoder_folders(self), self.max_length, self.device,

@@ -7,10 +7,11 @@ samples inside a worker process.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,16 @@ class Sample:
 
     Captioned sources add ``text``: ``text_emb`` ``(L, D)``, ``text_mask`` ``(L,)``, ``text_pooled``
     ``(P,)``, ``caption`` (str), ``truncated`` (bool) and ``where`` (the input, for error messages).
+    Bucketed image sources (``--buckets``) add ``orig_size`` ``(H, W)`` of the original image and
+    ``crop_box`` ``(top, left, height, width)`` of the region kept, in original pixels.
     """
 
     id: int
     latent: np.ndarray
     label: int
     text: dict | None = None
+    orig_size: tuple[int, int] | None = None
+    crop_box: tuple[int, int, int, int] | None = None
 
 
 @dataclass
@@ -49,6 +54,10 @@ class Plan:
     vae: str = "none"
     scaling_factor: float = 1.0
     text: Any = None  # TextMetadata of captioned sources
+    #: Bucketed sources: one dict per bucket in plan order (``latent_shape`` [C, h, w], ``image_size`` [H, W],
+    #: ``start``, ``count``: its items are ``items[start:start + count]``); ``None`` for square datasets.
+    buckets: list[dict] | None = None
+    bucket_spec: str | None = None
 
 
 class Source:
@@ -72,9 +81,15 @@ class Source:
         return None
 
 
-def check_sample(latent: np.ndarray, label: int, plan: Plan, where: str) -> None:
-    """Raise :class:`DatasetError` naming ``where`` for a wrong shape, non-finite values or a bad label."""
-    if tuple(latent.shape) != tuple(plan.latent_shape):
+def check_sample(latent: np.ndarray, label: int, plan: Plan, where: str,
+                 shape: Sequence[int] | None = None) -> None:
+    """Raise :class:`DatasetError` naming ``where`` for a wrong shape, non-finite values or a bad label.
+
+    ``shape``: the expected latent shape where it is not the plan's (a bucketed sample's bucket).
+    """
+    if shape is not None and tuple(latent.shape) != tuple(shape):
+        raise DatasetError(f"{where}: latent shape {tuple(latent.shape)} differs from its bucket's {tuple(shape)}")
+    if shape is None and tuple(latent.shape) != tuple(plan.latent_shape):
         raise DatasetError(f"{where}: latent shape {tuple(latent.shape)} differs from the dataset's "
                            f"{tuple(plan.latent_shape)} (set by the first file)")
     if not np.issubdtype(latent.dtype, np.floating):
@@ -222,19 +237,26 @@ def _load_image(path: Path, resolution: int) -> np.ndarray:
     return arr.transpose(2, 0, 1) / 127.5 - 1.0
 
 
-def aligned_chunks(ids: Sequence[int], total: int, size: int) -> Iterator[range]:
+def aligned_chunks(ids: Sequence[int], total: int, size: int, starts: Sequence[int] = ()) -> Iterator[range]:
     """The chunks ``[k*size, min((k+1)*size, total))`` of a plan that hold any of ``ids``, in order.
 
     Encoders run on whole chunks, whoever owns their items: a group that owns part of a chunk still encodes
     all of it and keeps its own rows. A batch's content, shape and random draws are then those of the
     chunk alone, so ``--processes N`` writes the same bits as one process, and resumption too.
+
+    ``starts``: the first plan index of each bucket of a bucketed plan (ascending). Chunks are then
+    aligned to their bucket's start, ``[s + k*size, min(s + (k+1)*size, next start))``, so a chunk never
+    mixes image sizes.
     """
     seen: set[int] = set()
     for i in ids:
-        k = i // size
-        if k not in seen:
-            seen.add(k)
-            yield range(k * size, min((k + 1) * size, total))
+        b = bisect.bisect_right(starts, i) - 1
+        lo = starts[b] if b >= 0 else 0
+        hi = starts[b + 1] if b + 1 < len(starts) else total
+        k = (i - lo) // size
+        if (lo, k) not in seen:
+            seen.add((lo, k))
+            yield range(lo + k * size, min(lo + (k + 1) * size, hi))
 
 
 class ImageEncoder:
@@ -266,6 +288,23 @@ class ImageEncoder:
         return encode(self.vae, torch.from_numpy(pixels).to(self.device), generator=gen).cpu().numpy()
 
 
+def vae_facts(vae: str) -> tuple[int, int, dict]:
+    """The latent channels, downsampling factor and :class:`Plan` keywords (``vae``, ``scaling_factor``) of the
+    VAE folder ``vae``; ``(3, 1, {})`` for ``none`` (pixels).
+
+    Raises:
+        ConfigError: If the VAE folder cannot be loaded.
+    """
+    if vae == "none":
+        return 3, 1, {}
+    from tread_scale.data.conversion.vae import load_vae, vae_downsample, vae_scaling_factor
+
+    model = load_vae(vae)
+    return (int(model.config.latent_channels), vae_downsample(model),
+            {"vae": str(getattr(model.config, "_name_or_path", "") or Path(vae).name),
+             "scaling_factor": vae_scaling_factor(model)})
+
+
 def vae_plan(vae: str, resolution: int) -> dict:
     """The latent facts of images of side ``resolution`` through the VAE folder ``vae`` (or ``none``).
 
@@ -276,21 +315,122 @@ def vae_plan(vae: str, resolution: int) -> dict:
         ConfigError: If the VAE folder cannot be loaded.
         DatasetError: If ``resolution`` is not divisible by the VAE's downsampling factor.
     """
-    if vae == "none":
-        return {"latent_shape": (3, resolution, resolution)}
-    from tread_scale.data.conversion.vae import load_vae, vae_downsample, vae_scaling_factor
-
-    model = load_vae(vae)
-    f = vae_downsample(model)
+    channels, f, facts = vae_facts(vae)
     if resolution % f:
         raise DatasetError(f"resolution {resolution} is not divisible by the VAE's downsampling factor {f}")
-    return {"latent_shape": (int(model.config.latent_channels), resolution // f, resolution // f),
-            "vae": str(getattr(model.config, "_name_or_path", "") or Path(vae).name),
-            "scaling_factor": vae_scaling_factor(model)}
+    return {"latent_shape": (channels, resolution // f, resolution // f), **facts}
+
+
+# --------------------------------------------------------------------------- aspect-ratio buckets
+@dataclass
+class BucketLayout:
+    """Where the images of a bucketed source go (:func:`plan_buckets`).
+
+    Attributes:
+        order: Per planned item, bucket by bucket: ``(index into the given paths, bucket index, original
+            (H, W), crop box (top, left, height, width) in original pixels)``. Images PIL cannot open are
+            left out (with a warning naming them).
+        plan: Keyword arguments of :class:`Plan`: ``latent_shape`` (the spec's base bucket), ``buckets``
+            (non-empty ones only), ``bucket_spec``, and the VAE's facts.
+    """
+
+    order: list[tuple[int, int, tuple[int, int], tuple[int, int, int, int]]]
+    plan: dict
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` of an image file, read from its header (PIL opens lazily)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
+
+
+def plan_buckets(paths: Sequence[Path], spec: str, vae: str) -> BucketLayout:
+    """Assign each image to its aspect-ratio bucket and order the items bucket by bucket.
+
+    Buckets come in the spec's order (sorted by the latent's ``(height, width)``); items keep their given
+    order within a bucket, so each bucket is a contiguous range of sample ids.
+
+    Args:
+        paths: The images, in the source's order.
+        spec: The ``--buckets`` value (:func:`~tread_scale.data.conversion.buckets.parse_buckets`).
+        vae: The VAE folder or ``none``: its downsampling factor must divide every bucket side.
+
+    Raises:
+        ConfigError: For a bad spec (naming the entry) or VAE folder.
+        DatasetError: If no image can be read.
+    """
+    from tread_scale.data.conversion.buckets import assign, fit, parse_buckets
+
+    channels, f, facts = vae_facts(vae)
+    parsed = parse_buckets(spec, multiple=f)
+    index = {b: k for k, b in enumerate(parsed.buckets)}
+    placed: list[list[tuple[int, tuple[int, int], tuple[int, int, int, int]]]] = [[] for _ in parsed.buckets]
+    for j, path in enumerate(paths):
+        try:
+            w, h = image_size(path)
+        except (OSError, ValueError) as e:
+            log.warning("skipping %s: cannot be read as an image (%s)", path, e)
+            continue
+        bucket = assign(w, h, parsed.buckets)
+        placed[index[bucket]].append((j, (h, w), tuple(fit(w, h, bucket).crop_box)))
+    if not any(placed):
+        raise DatasetError(f"none of the {len(paths)} image(s) can be read (first: {paths[0] if paths else None})")
+    order, buckets = [], []
+    for (bw, bh), members in zip(parsed.buckets, placed):
+        if members:
+            k = len(buckets)
+            buckets.append({"latent_shape": [channels, bh // f, bw // f], "image_size": [bh, bw],
+                            "start": len(order), "count": len(members)})
+            order += [(j, k, orig, crop) for j, orig, crop in members]
+    bw, bh = parsed.base
+    return BucketLayout(order, {"latent_shape": (channels, bh // f, bw // f), "buckets": buckets,
+                                "bucket_spec": spec, **facts})
+
+
+def bucket_starts(plan: Plan) -> list[int]:
+    """The first plan index of each bucket (empty for a square plan): ``starts`` of :func:`aligned_chunks`."""
+    return [b["start"] for b in plan.buckets] if plan.buckets else []
+
+
+def load_bucketed(path: Path, orig: Sequence[int], crop: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    """Crop ``crop`` (top, left, height, width) out of an image, then resize it to ``size`` (H, W).
+
+    Cropping first keeps every output pixel a function of the crop box's pixels alone.
+
+    Returns:
+        ``(3, H, W)`` float32 in [-1, 1].
+
+    Raises:
+        DatasetError: If the image's size is no longer ``orig`` (H, W), as planned (it changed meanwhile).
+    """
+    from PIL import Image
+
+    top, left, h, w = (int(x) for x in crop)
+    with Image.open(path) as im:
+        if (im.size[1], im.size[0]) != tuple(orig):
+            raise DatasetError(f"{path}: image is {im.size[1]}x{im.size[0]} (HxW) but was {orig[0]}x{orig[1]} when "
+                               "the conversion was planned; re-run it")
+        im = im.convert("RGB").crop((left, top, left + w, top + h))  # only these pixels (no filter taps outside)
+        im = im.resize((int(size[1]), int(size[0])), Image.BICUBIC)
+        arr = np.asarray(im, dtype=np.float32)
+    return arr.transpose(2, 0, 1) / 127.5 - 1.0
+
+
+def bucketed_item_loader(plan: Plan, path_of: Callable[[int], Path]) -> Callable[[int], np.ndarray]:
+    """Plan index → pixels of a bucketed plan whose items end with ``(bucket, orig, crop)``."""
+
+    def pixels_of(i: int) -> np.ndarray:
+        bucket, orig, crop = plan.items[i][-3:]
+        return load_bucketed(path_of(i), orig, crop, plan.buckets[bucket]["image_size"])
+
+    return pixels_of
 
 
 def encode_image_chunks(ids: Sequence[int], total: int, batch_size: int, path_of, resolution: int,
-                        encoder: ImageEncoder) -> Iterator[tuple[range, np.ndarray, list[bool]]]:
+                        encoder: ImageEncoder, *, pixels_of: Callable[[int], np.ndarray] | None = None,
+                        starts: Sequence[int] = ()) -> Iterator[tuple[range, np.ndarray, list[bool]]]:
     """Read and encode the images of the aligned chunks holding ``ids`` (see :func:`aligned_chunks`).
 
     Args:
@@ -300,17 +440,20 @@ def encode_image_chunks(ids: Sequence[int], total: int, batch_size: int, path_of
         path_of: Plan index → image path.
         resolution: Image side.
         encoder: Pixels → latents.
+        pixels_of: Plan index → ``(3, H, W)`` pixels, in place of the square crop of ``resolution`` (bucketed
+            plans: :func:`load_bucketed`).
+        starts: Bucketed plans: each bucket's first plan index (chunks never cross them).
 
     Yields:
         ``(chunk, latents, readable)``: a row per chunk item; an unreadable image's row holds a copy of the
         chunk's first readable one (dropped by the caller; a warning names images this worker owns).
     """
     owned = set(ids)
-    for chunk in aligned_chunks(ids, total, batch_size):
+    for chunk in aligned_chunks(ids, total, batch_size, starts):
         pixels: list[np.ndarray | None] = []
         for i in chunk:
             try:
-                pixels.append(_load_image(path_of(i), resolution))
+                pixels.append(pixels_of(i) if pixels_of is not None else _load_image(path_of(i), resolution))
             except (OSError, ValueError) as e:
                 if i in owned:
                     log.warning("skipping %s: cannot be read as an image (%s)", path_of(i), e)
@@ -339,6 +482,10 @@ class ImageFolderSource(Source):
             (:func:`aligned_chunks`), so the output does not depend on ``--processes``.
         seed: Seed of the latent sampling (``latent_dist.sample``; ``mix_seed(seed, chunk start)`` per chunk).
         device: Device for encoding.
+        buckets: Aspect-ratio buckets (``AREApx:MULT`` or ``WxH,...``; :mod:`~tread_scale.data.conversion.buckets`)
+            in place of the square crop: each image is resized to cover its nearest-aspect bucket and
+            centre-cropped, the items ordered bucket by bucket, and ``orig_size``/``crop_box`` stored per
+            sample. ``resolution`` is then unused. ``None``: square crops, as before.
     """
 
     folder: str = ""
@@ -347,13 +494,17 @@ class ImageFolderSource(Source):
     batch_size: int = 32
     seed: int = 0
     device: str = "cpu"
+    buckets: str | None = None
     kind = "images"
 
     def describe(self) -> dict:
         files = self._files()
-        return {"kind": self.kind, "folder": str(Path(self.folder).resolve()), "resolution": self.resolution,
-                "vae": self.vae if self.vae == "none" else str(Path(self.vae).resolve()), "seed": self.seed,
-                "files": len(files), "stamp": files_stamp(files)}
+        out = {"kind": self.kind, "folder": str(Path(self.folder).resolve()), "resolution": self.resolution,
+               "vae": self.vae if self.vae == "none" else str(Path(self.vae).resolve()), "seed": self.seed,
+               "files": len(files), "stamp": files_stamp(files)}
+        if self.buckets is not None:
+            out["buckets"] = self.buckets
+        return out
 
     def _files(self) -> list[Path]:
         root = Path(self.folder)
@@ -374,17 +525,31 @@ class ImageFolderSource(Source):
             items.append((p.relative_to(root).as_posix(), classes.index(p.parent.name)))
         if not items:
             raise DatasetError(f"image folder {self.folder!r} holds no images in its class subfolders {classes}")
-        return Plan(items, num_classes=len(classes), class_names=classes, **vae_plan(self.vae, self.resolution))
+        if self.buckets is None:
+            return Plan(items, num_classes=len(classes), class_names=classes, **vae_plan(self.vae, self.resolution))
+        layout = plan_buckets([root / rel for rel, _ in items], self.buckets, self.vae)
+        return Plan([(*items[j], b, orig, crop) for j, b, orig, crop in layout.order], num_classes=len(classes),
+                    class_names=classes, **layout.plan)
 
     def load(self, items: Sequence[tuple[str, int]], plan: Plan) -> Iterator[Sample]:
         root = Path(self.folder)
         encoder = ImageEncoder(self.vae, self.device, self.seed)
         owned = dict(items)
+
+        def path_of(i: int) -> Path:
+            return root / plan.items[i][0]
+
+        bucketed = plan.buckets is not None
         for chunk, latents, readable in encode_image_chunks(
-                list(owned), len(plan.items), self.batch_size, lambda i: root / plan.items[i][0], self.resolution,
-                encoder):
+                list(owned), len(plan.items), self.batch_size, path_of, self.resolution, encoder,
+                pixels_of=bucketed_item_loader(plan, path_of) if bucketed else None, starts=bucket_starts(plan)):
             for i, latent, ok in zip(chunk, latents, readable):
                 if ok and i in owned:
-                    rel, label = owned[i]
-                    check_sample(latent, label, plan, str(root / rel))
-                    yield Sample(i, latent, label)
+                    rel, label = owned[i][:2]
+                    if not bucketed:
+                        check_sample(latent, label, plan, str(root / rel))
+                        yield Sample(i, latent, label)
+                        continue
+                    bucket, orig, crop = owned[i][2:]
+                    check_sample(latent, label, plan, str(root / rel), shape=plan.buckets[bucket]["latent_shape"])
+                    yield Sample(i, latent, label, orig_size=tuple(orig), crop_box=tuple(crop))

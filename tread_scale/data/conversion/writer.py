@@ -8,6 +8,10 @@ Layout of a converted dataset::
     <out>/group_00000/shard.*.mds.zstd, index.json
     <out>/_tread_convert_done.json   written last; records the arguments' fingerprint
 
+A bucketed source (``--buckets``) plans its items bucket by bucket; its groups never mix buckets (each
+bucket is cut every ``group_size`` samples, whatever ``--processes``), and each group's writer declares its
+bucket's latent shape, so the merged index holds shards of several shapes, in sample order.
+
 Work is split into groups of samples; each group is written by one worker process (``--processes N``)
 into a staging folder and marked done there, so an interrupted run redoes only unfinished groups. An
 ``s3://`` output is staged in a local folder (``--work-dir``, else a temporary one) and uploaded shards
@@ -17,6 +21,7 @@ same arguments finds the done-file and skips the work.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -34,8 +39,9 @@ from pathlib import Path
 import numpy as np
 
 from tread_scale.data import object_store as s3
-from tread_scale.data.metadata import EMPTY_PROMPT_FILE, META_FILE, LatentMetadata, text_columns
-from tread_scale.data.conversion.sources import Plan, Source
+from tread_scale.data.metadata import BUCKET_COLUMNS, EMPTY_PROMPT_FILE, META_FILE, LatentMetadata, text_columns
+from tread_scale.data.conversion.buckets import CROP_RULE
+from tread_scale.data.conversion.sources import Plan, Source, bucket_starts
 from tread_scale.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -52,7 +58,10 @@ class ConvertOptions:
 
     Attributes:
         processes: Worker processes.
-        group_size: Samples per group (the unit of parallelism and of resumption).
+        group_size: Samples per group (the unit of parallelism and of resumption). Square datasets use
+            ``min(group_size, ceil(n / processes))``; bucketed ones cut each bucket every ``group_size``
+            samples whatever ``processes`` (the shards are then the same bytes for any ``--processes``; lower
+            it for more parallelism on a small dataset).
         shard_size: MDS shard size limit, e.g. ``64mb``.
         compression: MDS compression (``zstd`` by default; ``none`` for raw).
         dtype: Stored latent dtype.
@@ -77,12 +86,45 @@ def fingerprint(source: Source, opts: ConvertOptions) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def columns_for(plan: Plan, dtype: str) -> dict[str, str]:
-    c, h, w = plan.latent_shape
+def columns_for(plan: Plan, dtype: str, bucket: int | None = None) -> dict[str, str]:
+    """The MDS columns of a group: ``bucket`` (an index into ``plan.buckets``) gives its latent shape and the
+    ``orig_size``/``crop_box`` columns of bucketed datasets."""
+    c, h, w = plan.latent_shape if bucket is None else plan.buckets[bucket]["latent_shape"]
     columns = {"latent": f"ndarray:{dtype}:{c},{h},{w}", "label": "int", "id": "int"}
+    if bucket is not None:
+        columns.update(BUCKET_COLUMNS)
     if plan.text is not None:
         columns.update(text_columns(plan.text))
     return columns
+
+
+def plan_groups(plan: Plan, group_size: int, processes: int) -> list[tuple[str, list]]:
+    """The groups of a plan: ``(name, [(plan index, item), ...])`` in plan order.
+
+    Square plans are cut every ``min(group_size, ceil(n / processes))`` items; bucketed plans cut each bucket
+    every ``group_size`` items from its start, so no group mixes buckets and the cut does not depend on
+    ``processes``.
+    """
+    n = len(plan.items)
+    if plan.buckets is None:
+        size = max(1, min(group_size, math.ceil(n / max(processes, 1))))
+        bounds = [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+    else:
+        size = max(1, group_size)
+        bounds = [(lo, min(lo + size, b["start"] + b["count"]))
+                  for b in plan.buckets for lo in range(b["start"], b["start"] + b["count"], size)]
+    return [(f"group_{g:05d}", [(i, plan.items[i]) for i in range(lo, hi)]) for g, (lo, hi) in enumerate(bounds)]
+
+
+def group_bucket(plan: Plan, pairs: list) -> int | None:
+    """The bucket (index into ``plan.buckets``) of a group's items; ``None`` for square plans."""
+    if plan.buckets is None or not pairs:
+        return None
+    return bisect.bisect_right(bucket_starts(plan), pairs[0][0]) - 1
+
+
+def _bucket_row(sample) -> dict[str, np.ndarray]:
+    return {"orig_size": np.asarray(sample.orig_size, np.int32), "crop_box": np.asarray(sample.crop_box, np.int32)}
 
 
 def _write_group(source: Source, plan: Plan, pairs: list, group_dir: str, fp: str, opts: ConvertOptions,
@@ -102,11 +144,14 @@ def _write_group(source: Source, plan: Plan, pairs: list, group_dir: str, fp: st
         from tread_scale.data.conversion.captions import text_row
         from tread_scale.data.conversion.text_encoder import merge_unknown_words
     compression = None if opts.compression in ("none", "") else opts.compression
-    with MDSWriter(out=str(gdir), columns=columns_for(plan, opts.dtype), compression=compression,
+    bucket = group_bucket(plan, pairs)
+    with MDSWriter(out=str(gdir), columns=columns_for(plan, opts.dtype, bucket), compression=compression,
                    size_limit=opts.shard_size, hashes=["xxh64"], progress_bar=False) as writer:
         for sample in source.load(pairs, plan):
             row = {"latent": np.ascontiguousarray(sample.latent.astype(dtype)), "label": int(sample.label),
                    "id": int(sample.id)}
+            if bucket is not None:
+                row.update(_bucket_row(sample))
             if plan.text is not None:
                 text, cut = text_row(sample, plan.text)
                 row.update(text)
@@ -129,6 +174,8 @@ def _write_group(source: Source, plan: Plan, pairs: list, group_dir: str, fp: st
         progress_queue.put(skipped)
     result = {"fingerprint": fp, "samples": count, "labels": {str(k): v for k, v in label_counts.items()},
               "range": _range_of(pairs)}
+    if bucket is not None:
+        result["bucket"] = bucket
     if plan.text is not None:
         np.savez(gdir / GROUP_EMPTY_PROMPT, **source.empty_prompt(plan))
         result.update(truncated=truncated, clipped=clipped, longest_tokens=longest, unknown_words=unknown)
@@ -170,6 +217,26 @@ def _finish_text(staging: Path, first_group: str, plan: Plan, results: list[dict
     warn_unknown_words(unknown, "caption")
     return replace(plan.text, empty_prompt_sha256=empty_prompt_digest(arrays), truncated=truncated, clipped=clipped,
                    longest_tokens=longest)
+
+
+def dataset_buckets(plan: Plan, results: list[dict]) -> list[dict] | None:
+    """The metadata's ``buckets``: the plan's buckets with the samples the groups wrote, in sample order.
+
+    ``start`` counts written samples (a skipped unreadable image shifts the later ones); a bucket left
+    without samples is dropped.
+    """
+    if plan.buckets is None:
+        return None
+    counts = [0] * len(plan.buckets)
+    for r in results:
+        counts[r["bucket"]] += r["samples"]
+    out, start = [], 0
+    for b, count in zip(plan.buckets, counts):
+        if count:
+            out.append({"latent_shape": list(b["latent_shape"]), "image_size": list(b["image_size"]),
+                        "start": start, "count": count})
+            start += count
+    return out
 
 
 def merge_group_indexes(root: Path, groups: list[str]) -> int:
@@ -302,9 +369,7 @@ def convert(source: Source, out: str, opts: ConvertOptions | None = None) -> Lat
     t0 = time.time()
     plan = source.plan()
     n = len(plan.items)
-    group_size = max(1, min(opts.group_size, math.ceil(n / max(opts.processes, 1))))
-    groups = [(f"group_{g:05d}", [(i, plan.items[i]) for i in range(lo, min(lo + group_size, n))])
-              for g, lo in enumerate(range(0, n, group_size))]
+    groups = plan_groups(plan, opts.group_size, opts.processes)
     tmp = None
     if remote:
         if opts.work_dir:
@@ -344,10 +409,12 @@ def convert(source: Source, out: str, opts: ConvertOptions | None = None) -> Lat
             raise DatasetError(f"no samples were written from {source.describe().get('folder', source.kind)}")
         num_shards = merge_group_indexes(staging, [name for name, _ in groups])
         text = None if plan.text is None else _finish_text(staging, groups[0][0], plan, results)
+        buckets = dataset_buckets(plan, results)
         meta = LatentMetadata(latent_shape=plan.latent_shape, num_classes=plan.num_classes, num_samples=num_samples,
                               dtype=opts.dtype, vae=plan.vae, scaling_factor=plan.scaling_factor,
                               class_names=plan.class_names, source=json.dumps(source.describe(), sort_keys=True),
-                              text=text)
+                              text=text, buckets=buckets, bucket_spec=plan.bucket_spec if buckets else None,
+                              crop_rule=CROP_RULE if buckets else None)
         (staging / META_FILE).write_text(meta.to_json())
         done = {"fingerprint": fp, "samples": num_samples, "shards": num_shards, "seconds": round(time.time() - t0, 2)}
         top = [staging / INDEX_FILE, staging / META_FILE]
