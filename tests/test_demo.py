@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 from tread_scale.devtools import demo
 
 
@@ -32,6 +34,9 @@ def test_text_demo_job_runs_end_to_end_on_moto(tmp_path, capsys, monkeypatch):
     final = (run / "final" / "captions.txt").read_text().splitlines()
     assert [line.split(": ", 1)[1] for line in final] == demo.DEMO_PROMPTS and (run / "final" / "grid.png").is_file()
     assert "4 batches" in out
+    assert "aspect-ratio buckets  40x24: 64, 32x32: 128, 24x40: 64" in out
+    with np.load(run / "final-wide" / "samples.npz") as z:
+        assert z["images"].shape == (len(demo.DEMO_PROMPTS), 24, 40, 3)
     scores = json.loads((run / "final" / "scores.json").read_text())
     assert scores["num_samples"] == 8 and scores["protocol"]["prompts"] == "captions of s3://tread-demo/shapes-captions " \
         "(first 8)" and 0 <= scores["clip_score"] <= 100 and scores["fid"] > 0

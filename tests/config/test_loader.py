@@ -60,7 +60,9 @@ def test_shipped_yamls_validate(name):
     assert "memory/rank" in dry_run(cfg, 8)  # builds the model (meta device) and plans it
 
 
-@pytest.mark.parametrize("name,world,routes", [("mmdit_2b_512.yaml", 64, [(0.5, 2, 20)]),
+@pytest.mark.parametrize("name,world,routes", [("mmdit_2b_256.yaml", 64, [(0.5, 2, 20)]),
+                                               ("mmdit_2b_1024.yaml", 64, [(0.5, 2, 20)]),
+                                               ("mmdit_2b_512.yaml", 64, [(0.5, 2, 20)]),
                                                ("mmdit_8b_1024.yaml", 512, [(0.5, 2, 34)]),
                                                ("sd35_large_tread_finetune.yaml", 512, [(0.5, 2, 34)])])
 def test_mmdit_yamls_fit_the_cluster_they_state(name, world, routes):

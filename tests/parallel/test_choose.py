@@ -18,7 +18,8 @@ from tread_scale.parallel.scaling import Assumptions
 
 from tests.conftest import REPO
 
-RECIPES = [("mmdit_2b_512.yaml", 64, []), ("mmdit_8b_1024.yaml", 512, []),
+RECIPES = [("mmdit_2b_256.yaml", 64, []), ("mmdit_2b_512.yaml", 64, []),
+           ("mmdit_2b_1024.yaml", 64, ["model.init_from=null"]), ("mmdit_8b_1024.yaml", 512, []),
            ("sd35_large_tread_finetune.yaml", 512, ["model.init_from=null"])]
 
 

@@ -17,6 +17,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_overrides(p)
     p.add_argument("--world-size", type=int, required=True, help="total ranks (GPUs)")
     p.add_argument("--gpu-memory", help="memory per GPU to check against, e.g. 80GB")
+    p.add_argument("--buckets", metavar="SPEC",
+                   help="aspect-ratio buckets to plan for, in pixels: AREApx:MULT (e.g. 1024px:64, SDXL-style buckets "
+                        "of about AREA^2 pixels) or WIDTHxHEIGHT,... (e.g. 1024x1024,1216x832); latents are 8x "
+                        "smaller (every recipe uses an 8x VAE) and the patch must divide their sides. Prints FLOPs "
+                        "and memory per bucket and sizes the memory plan for the bucket with the most tokens. "
+                        "Default: a local bucketed data.remote's own buckets")
     p.add_argument("--choose", action="store_true",
                    help="pick the micro-batch and activation checkpointing that are fastest within --gpu-memory "
                         "(step time from the projection's assumptions below)")
@@ -36,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Print the plan (and the projection with ``--project``)."""
     from tread_scale.config import load_config
-    from tread_scale.parallel.plan import dry_run
+    from tread_scale.parallel.plan import buckets_from_spec, dry_run
 
     from tread_scale.parallel.scaling import Assumptions
 
@@ -45,12 +51,34 @@ def run(args: argparse.Namespace) -> int:
                               latency_us=args.latency_us, overlap=args.overlap)
     cfg = load_config(args.config, args.overrides)
     source = adopt_local_text_shape(cfg)
+    buckets = buckets_from_spec(args.buckets) if args.buckets else local_buckets(cfg.data.remote)
     report = dry_run(cfg, args.world_size, args.gpu_memory, assumptions if args.project else None, args.max_nodes,
-                     choose=assumptions if args.choose else None)
+                     choose=assumptions if args.choose else None, buckets=buckets)
     if source:
         report = f"text          {source}\n" + report
     sys.stdout.write(report + "\n")
     return 0
+
+
+def local_buckets(remote: str):
+    """The buckets of ``data.remote`` when it is a local bucketed dataset (its ``tread_meta.json``), else ``None``.
+
+    Returns:
+        A :class:`~tread_scale.parallel.plan.BucketSet`, or ``None`` for an ``s3://`` prefix (not read by
+        dry-run), a folder without metadata or a square dataset.
+
+    Raises:
+        DatasetError: If the metadata file is malformed.
+    """
+    from pathlib import Path
+
+    from tread_scale.data import object_store as s3
+    from tread_scale.data.metadata import META_FILE, read_metadata
+    from tread_scale.parallel.plan import buckets_from_metadata
+
+    if not remote or s3.is_s3(remote) or not Path(remote, META_FILE).is_file():
+        return None
+    return buckets_from_metadata(read_metadata(remote), f"data.remote={remote}")
 
 
 def adopt_local_text_shape(cfg) -> str:

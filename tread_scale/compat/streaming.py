@@ -91,8 +91,6 @@ class PatchedStreamingDataset(StreamingDataset):
             raise DatasetError("a batched dataset needs batch_size (the per-rank batch)")
         self.bucket_ranges = None if bucket_ranges is None else [(int(a), int(n)) for a, n in bucket_ranges]
         if self.bucket_ranges is not None:
-            if not batched:
-                raise DatasetError("a bucketed dataset is read in batches (batched=True)")
             if sum(n for _, n in self.bucket_ranges) != self.num_samples:
                 raise DatasetError(f"the buckets of the metadata hold {sum(n for _, n in self.bucket_ranges)} "
                                    f"samples but the shards hold {self.num_samples}: metadata and index.json "

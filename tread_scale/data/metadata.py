@@ -205,13 +205,17 @@ def parse_ndarray_encoding(encoding: str) -> tuple[str, tuple[int, ...] | None]:
 
 def check_against_model(meta: LatentMetadata, *, in_channels: int, input_size: int, num_classes: int,
                         where: str) -> None:
-    """Check the dataset's facts against the model config.
+    """Check the dataset's facts against the model config (a bucketed dataset: its channels; whether the model
+    runs each bucket's grid is the trainer's check, ``check_buckets_against_model``).
 
     Raises:
         DatasetMismatchError: Naming the dataset, the field and both values.
     """
     expected = (in_channels, input_size, input_size)
-    if tuple(meta.latent_shape) != expected:
+    if meta.buckets and meta.latent_shape[0] != in_channels:
+        raise DatasetMismatchError(f"{where}: latents have {meta.latent_shape[0]} channels but the model expects "
+                                   f"{in_channels} (model.in_channels)")
+    if not meta.buckets and tuple(meta.latent_shape) != expected:
         raise DatasetMismatchError(
             f"{where}: latents have shape {tuple(meta.latent_shape)} (C, H, W) but the model expects {expected} "
             f"(model.in_channels={in_channels}, model.input_size={input_size})"

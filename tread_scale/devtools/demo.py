@@ -140,7 +140,7 @@ def _text_demo(overrides: list[str]) -> list[str]:
     with _demo_bucket(cfg):
         t_data = time.time()
         meta = write_captioned_demo(TEXT_DATA, str(TEXT_ENCODERS), num_samples=DEMO_NUM_SAMPLES,
-                                    resolution=cfg.model.input_size, processes=2, shard_size="1mb")
+                                    resolution=cfg.model.input_size, processes=2, shard_size="1mb", buckets=True)
         t_train = time.time()
         result = train(cfg)
         train_seconds = time.time() - t_train
@@ -148,6 +148,10 @@ def _text_demo(overrides: list[str]) -> list[str]:
         final = sample_to_folder(str(result.run_dir), str(result.run_dir / "final"), prompts=DEMO_PROMPTS,
                                  num=4 * len(DEMO_PROMPTS), steps=cfg.sampling.steps,
                                  guidance=Guidance(cfg_scale=cfg_scale), device="cpu")
+        wide_size = _landscape(meta)
+        wide = sample_to_folder(str(result.run_dir), str(result.run_dir / "final-wide"), prompts=DEMO_PROMPTS,
+                                num=len(DEMO_PROMPTS), steps=cfg.sampling.steps,
+                                guidance=Guidance(cfg_scale=cfg_scale), device="cpu", size=wide_size)
         t_eval = time.time()
         scores = _text_scores(result.run_dir, cfg.sampling.steps, Guidance(cfg_scale=cfg_scale))
         eval_seconds = time.time() - t_eval
@@ -159,6 +163,8 @@ def _text_demo(overrides: list[str]) -> list[str]:
         f"  text encoder          {encoders['t5']}  (tiny T5, built here; its hashes are in the dataset)",
         f"  dataset (MDS in S3)   {TEXT_DATA}  ({meta.num_samples} captioned samples, {t_train - t_data:.0f} s "
         "to convert)",
+        "  aspect-ratio buckets  " + ", ".join(f"{b['image_size'][1]}x{b['image_size'][0]}: {b['count']}"
+                                              for b in meta.buckets) + "  (every batch holds one bucket)",
         f"  training              {result.batches} batches in {train_seconds:.0f} s (MMDiT; TREAD routes image "
         f"tokens {route.start}->{route.end} at rate {route.rate})",
         f"  EMA weights           {result.ema_weights}",
@@ -166,6 +172,7 @@ def _text_demo(overrides: list[str]) -> list[str]:
         f"  sample grid (final)   {final['grid']}  (CFG {cfg_scale:g}; a row per prompt, prompts in "
         f"{final['captions'].name})",
         f"  samples (.npz)        {final['npz']}",
+        f"  sample grid ({wide_size})  {wide['grid']}  (a landscape bucket's size: sample --size {wide_size})",
         f"  prompt FID-{scores['num_samples']}          {scores['fid']:.4g}  and CLIP score {scores['clip_score']:.4g} "
         f"(the dataset's first {scores['num_samples']} captions vs {DEMO_EVAL_REF} of its real images; {models}; "
         f"{eval_seconds:.0f} s; {scores['out']})",
@@ -173,6 +180,12 @@ def _text_demo(overrides: list[str]) -> list[str]:
         f"\"{DEMO_PROMPTS[-1]}\" --cfg-scale {cfg_scale:g}",
         f"  total                 {time.time() - t0:.0f} s",
     ]
+
+
+def _landscape(meta) -> str:
+    """``WxH`` of the demo data's widest bucket."""
+    h, w = max((b["image_size"] for b in meta.buckets), key=lambda hw: hw[1] / hw[0])
+    return f"{w}x{h}"
 
 
 def _text_scores(run_dir: Path, steps: int, guidance) -> dict:

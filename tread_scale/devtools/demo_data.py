@@ -13,18 +13,19 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from tread_scale.data.conversion.captions import (_check_dtype, _empty_prompt_of, _encoder_describe,
                                                   cached_text_encoder, encode_captions, encoder_folders, text_plan)
-from tread_scale.data.conversion.sources import Plan, Sample, Source, aligned_chunks
+from tread_scale.data.conversion.sources import Plan, Sample, Source, aligned_chunks, bucket_starts
 from tread_scale.data.conversion.text_encoder import _CLIP_SPECIALS, _T5_SPECIALS, KINDS, _word_tokenizer
 from tread_scale.data.conversion.writer import ConvertOptions, convert
 from tread_scale.devtools.demo_shapes import (DEMO_CAPTION_MAX_LENGTH, DEMO_CAPTION_RESOLUTION, DEMO_CAPTION_VOCAB,
                                               DEMO_CLASSES, DEMO_NUM_CLASSES, DEMO_NUM_SAMPLES, DEMO_RESOLUTION,
-                                              demo_caption, demo_caption_image, demo_image)
+                                              demo_caption, demo_caption_bucket, demo_caption_image, demo_image)
 from tread_scale.errors import ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,9 @@ class CaptionDemoSource(Source):
         batch_size: Captions per encoder forward.
         device: Device of the text encoders.
         encoder_dtype: Compute dtype of the text encoders.
+        buckets: Draw a quarter of the samples landscape and a quarter portrait
+            (:func:`~tread_scale.devtools.demo_shapes.demo_caption_bucket`) and write them as aspect-ratio
+            buckets, as ``convert captions --buckets`` does; ``False``: every sample square, as before.
     """
 
     num_samples: int = DEMO_NUM_SAMPLES
@@ -93,31 +97,53 @@ class CaptionDemoSource(Source):
     batch_size: int = 64
     device: str = "cpu"
     encoder_dtype: str = "float32"
+    buckets: bool = False
     kind = "captions-demo"
 
     def describe(self) -> dict:
         _check_dtype(self.encoder_dtype)
-        return {"kind": self.kind, "num_samples": self.num_samples, "resolution": self.resolution, "seed": self.seed,
-                "max_length": self.max_length, "batch_size": self.batch_size, "encoder_dtype": self.encoder_dtype,
-                "encoders": _encoder_describe(encoder_folders(self))}
+        out = {"kind": self.kind, "num_samples": self.num_samples, "resolution": self.resolution, "seed": self.seed,
+               "max_length": self.max_length, "batch_size": self.batch_size, "encoder_dtype": self.encoder_dtype,
+               "encoders": _encoder_describe(encoder_folders(self))}
+        if self.buckets:
+            out["buckets"] = True
+        return out
 
     def plan(self) -> Plan:
         if self.num_samples < 1:
             raise DatasetError(f"demo: num_samples must be >= 1, got {self.num_samples}")
-        captions = [demo_caption(i, self.seed) for i in range(self.num_samples)]
-        text = text_plan(encoder_folders(self), self.max_length, captions, 1024)
-        return Plan(captions, (3, self.resolution, self.resolution), 1, text=text)
+        square = (3, self.resolution, self.resolution)
+        if not self.buckets:
+            captions = [demo_caption(i, self.seed) for i in range(self.num_samples)]
+            return Plan(captions, square, 1, text=text_plan(encoder_folders(self), self.max_length, captions, 1024))
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i in range(self.num_samples):
+            by_size.setdefault(demo_caption_bucket(i, self.resolution), []).append(i)
+        items, buckets = [], []
+        for hw in sorted(by_size):  # by (height, width), as convert --buckets orders them
+            buckets.append({"latent_shape": [3, *hw], "image_size": list(hw), "start": len(items),
+                            "count": len(by_size[hw])})
+            items += [(demo_caption(i, self.seed), i) for i in by_size[hw]]
+        text = text_plan(encoder_folders(self), self.max_length, [c for c, _ in items], 1024)
+        spec = ",".join(f"{w}x{h}" for h, w in sorted(by_size))
+        return Plan(items, square, 1, text=text, buckets=buckets, bucket_spec=f"captioned demo: {spec}")
 
-    def load(self, items: Sequence[tuple[int, str]], plan: Plan) -> Iterator[Sample]:
+    def load(self, items: Sequence[tuple[int, Any]], plan: Plan) -> Iterator[Sample]:
         text = cached_text_encoder(encoder_folders(self), self.max_length, self.device, self.encoder_dtype)
         owned = dict(items)
-        for chunk in aligned_chunks(list(owned), len(plan.items), self.batch_size):
-            captions = [plan.items[i] for i in chunk]
+        for chunk in aligned_chunks(list(owned), len(plan.items), self.batch_size, starts=bucket_starts(plan)):
+            captions = [plan.items[i][0] if plan.buckets else plan.items[i] for i in chunk]
             rows = encode_captions(text, captions, [f"demo sample {i}" for i in chunk])
             for i, row in zip(chunk, rows):
-                if i in owned:
-                    image, caption = demo_caption_image(i, self.resolution, self.seed)
-                    yield Sample(i, image, 0, text=row)
+                if i not in owned:
+                    continue
+                if not plan.buckets:
+                    yield Sample(i, demo_caption_image(i, self.resolution, self.seed)[0], 0, text=row)
+                    continue
+                index = plan.items[i][1]
+                hw = demo_caption_bucket(index, self.resolution)
+                image, _ = demo_caption_image(index, self.resolution, self.seed, size=hw)
+                yield Sample(i, image, 0, text=row, orig_size=hw, crop_box=(0, 0, *hw))
 
     def empty_prompt(self, plan: Plan) -> dict[str, np.ndarray]:
         return _empty_prompt_of(cached_text_encoder(encoder_folders(self), self.max_length, self.device,
@@ -213,7 +239,7 @@ def write_captioned_demo(out: str, encoder_dir: str, *, encoders: Sequence[str] 
                          num_samples: int = DEMO_NUM_SAMPLES, resolution: int = DEMO_CAPTION_RESOLUTION, seed: int = 0,
                          max_length: int = DEMO_CAPTION_MAX_LENGTH, encoder_seed: int = 0, processes: int = 1,
                          shard_size: str = "64mb", work_dir: str | None = None, overwrite: bool = False,
-                         progress: bool = False):
+                         progress: bool = False, buckets: bool = False):
     """Write the captioned demo as MDS shards with text embeddings, at ``out`` (local folder or ``s3://``).
 
     The tiny text encoders are built into ``encoder_dir/<kind>`` (kept when already there; they are
@@ -234,12 +260,14 @@ def write_captioned_demo(out: str, encoder_dir: str, *, encoders: Sequence[str] 
         work_dir: Staging folder for ``s3://`` outputs.
         overwrite: Replace an output holding another conversion.
         progress: Show a progress bar.
+        buckets: Also draw landscape and portrait samples, written as aspect-ratio buckets
+            (:class:`CaptionDemoSource`).
 
     Returns:
         The dataset's :class:`~tread_scale.data.metadata.LatentMetadata` (with its ``text`` section).
     """
     folders = prepare_demo_encoders(encoder_dir, encoders, encoder_seed)
     source = CaptionDemoSource(num_samples=num_samples, resolution=resolution, seed=seed, t5=folders.get("t5"),
-                               clip=folders.get("clip"), max_length=max_length)
+                               clip=folders.get("clip"), max_length=max_length, buckets=buckets)
     return convert(source, out, ConvertOptions(processes=processes, shard_size=shard_size, work_dir=work_dir,
                                                overwrite=overwrite, progress=progress))

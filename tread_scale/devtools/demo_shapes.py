@@ -111,6 +111,14 @@ DEMO_CAPTION_RESOLUTION = 32
 DEMO_CAPTION_MAX_LENGTH = 16
 
 
+def demo_caption_bucket(index: int, resolution: int = DEMO_CAPTION_RESOLUTION) -> tuple[int, int]:
+    """``(height, width)`` of captioned-demo sample ``index`` with aspect-ratio buckets: half the samples square,
+    a quarter landscape 5:3, a quarter portrait 3:5 (each about the square's area; sides even multiples of
+    ``resolution / 8``)."""
+    u = resolution // 8
+    return {2: (6 * u, 10 * u), 3: (10 * u, 6 * u)}.get(index % 4, (resolution, resolution))
+
+
 def _caption_layout(rng: np.random.Generator) -> list[tuple[str, str, str]]:
     """``(colour, shape, position)`` of each drawn shape, in the order of :data:`DEMO_CAPTION_POSITIONS`."""
     count = int(rng.integers(1, 3))
@@ -129,35 +137,37 @@ def demo_caption(index: int, seed: int = 0) -> str:
     return " and ".join(f"a {c} {s} at {p}" for c, s, p in _caption_layout(_caption_rng(index, seed)))
 
 
-def demo_caption_image(index: int, resolution: int = DEMO_CAPTION_RESOLUTION, seed: int = 0) -> tuple[np.ndarray, str]:
+def demo_caption_image(index: int, resolution: int = DEMO_CAPTION_RESOLUTION, seed: int = 0,
+                       size: tuple[int, int] | None = None) -> tuple[np.ndarray, str]:
     """Draw captioned-demo sample ``index`` deterministically.
 
     Args:
         index: Sample index.
         resolution: Image side in pixels (even).
         seed: Dataset seed.
+        size: ``(height, width)`` to draw at instead of the square (an aspect-ratio bucket); the layout and
+            caption are the same, quadrants follow the canvas.
 
     Returns:
-        ``(image, caption)`` with ``image`` float32 ``(3, R, R)`` in ``[-1, 1]``, e.g.
+        ``(image, caption)`` with ``image`` float32 ``(3, H, W)`` in ``[-1, 1]``, e.g.
         ``"a red square at top left and a blue circle at bottom right"``.
     """
     rng = _caption_rng(index, seed)
     layout = _caption_layout(rng)
+    height, width = size or (resolution, resolution)
     ss = 4
-    n = resolution * ss
-    coords = (np.arange(n) + 0.5) / ss
-    xx, yy = np.meshgrid(coords, coords, indexing="xy")
+    xx, yy = np.meshgrid((np.arange(width * ss) + 0.5) / ss, (np.arange(height * ss) + 0.5) / ss, indexing="xy")
     background = rng.uniform(0.0, 0.12)
-    img = np.full((3, resolution, resolution), background, np.float32)
-    quarter = resolution / 4
+    img = np.full((3, height, width), background, np.float32)
+    qx, qy = width / 4, height / 4
     for colour, shape, position in layout:
         col, row = DEMO_CAPTION_POSITIONS[position]
-        r = rng.uniform(0.15, 0.2) * resolution
-        slack = max(quarter - r, 0.0) * 0.8
-        cx = (2 * col + 1) * quarter + rng.uniform(-slack, slack)
-        cy = (2 * row + 1) * quarter + rng.uniform(-slack, slack)
+        r = rng.uniform(0.15, 0.2) * min(height, width)
+        slack_x, slack_y = max(qx - r, 0.0) * 0.8, max(qy - r, 0.0) * 0.8
+        cx = (2 * col + 1) * qx + rng.uniform(-slack_x, slack_x)
+        cy = (2 * row + 1) * qy + rng.uniform(-slack_y, slack_y)
         mask = _mask(DEMO_CAPTION_SHAPES[shape], xx - cx, yy - cy, r, np.pi).astype(np.float32)
-        cover = mask.reshape(resolution, ss, resolution, ss).mean(axis=(1, 3))
+        cover = mask.reshape(height, ss, width, ss).mean(axis=(1, 3))
         rgb = np.clip(np.asarray(DEMO_CAPTION_COLOURS[colour]) + rng.normal(0, 0.05, size=3), 0, 1).astype(np.float32)
         img = img + cover[None] * (rgb[:, None, None] - img)
     caption = " and ".join(f"a {c} {s} at {p}" for c, s, p in layout)

@@ -103,10 +103,19 @@ def dataset_images(root: str, cache: str | None, decode: Callable[[torch.Tensor]
     clean_stale_shared_memory()
     kwargs = stream_location(root, cache or default_cache(root))
     ds = LatentStreamingDataset(latent_shape=meta.latent_shape, num_classes=meta.num_classes, shuffle=False,
-                                batch_size=1, **kwargs)
+                                batch_size=1, buckets=meta.buckets, **kwargs)
+    first, count = 0, len(ds)
+    if meta.buckets:  # the images of the model's own (square) size: the bucket of the configured latent shape
+        square = [b for b in meta.buckets if list(b["latent_shape"]) == list(meta.latent_shape)]
+        if not square:
+            raise DatasetError(f"{root}: no bucket of the dataset's base shape {tuple(meta.latent_shape)} to take "
+                               "reference images from; give --ref-images or --ref")
+        first, count = int(square[0]["start"]), int(square[0]["count"])
+        log.info("%s is bucketed: the reference is its %d samples of the base bucket %s", root, count,
+                 "x".join(map(str, meta.latent_shape[1:])))
     rank, world_size = world()
-    n = min(len(ds), limit) if limit else len(ds)
-    idx = rank_indices(n, rank, world_size)
+    n = min(count, limit) if limit else count
+    idx = [first + i for i in rank_indices(n, rank, world_size)]
     for lo in range(0, len(idx), batch_size):
         lat = torch.stack([ds[i]["latent"].float() for i in idx[lo: lo + batch_size]]).to(device)
         yield to_uint8(decode(lat) if decode is not None else lat)

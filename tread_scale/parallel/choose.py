@@ -58,13 +58,14 @@ def _divisors(n: int) -> list[int]:
     return sorted({d for k in range(1, math.isqrt(n) + 1) if n % k == 0 for d in (k, n // k)})
 
 
-def _memory(cfg, net, world_size: int, microbatch: int, checkpointing: bool) -> float:
+def _memory(cfg, net, world_size: int, microbatch: int, checkpointing: bool, num_tokens: int | None) -> float:
     par = dataclasses.replace(cfg.parallelism, activation_checkpointing=checkpointing)
-    return estimate_memory(dataclasses.replace(cfg, parallelism=par), net, world_size, microbatch, True).total
+    return estimate_memory(dataclasses.replace(cfg, parallelism=par), net, world_size, microbatch, True,
+                           num_tokens=num_tokens).total
 
 
 def plan_options(cfg, net, world_size: int, capacity: float, a: Assumptions, train_flops: float,
-                 flops: Flops) -> list[Option]:
+                 flops: Flops, num_tokens: int | None = None) -> list[Option]:
     """Every (micro-batch, checkpointing) option for ``cfg``'s per-rank batch, fastest first.
 
     Args:
@@ -75,6 +76,8 @@ def plan_options(cfg, net, world_size: int, capacity: float, a: Assumptions, tra
         a: Hardware and efficiency assumptions.
         train_flops: Training FLOPs per image the run averages (3x forward, routing-aware).
         flops: The model's forward FLOPs (for the recomputed blocks).
+        num_tokens: Image tokens per sample to size memory for (the largest aspect-ratio bucket; ``None``: the
+            configured size). ``train_flops`` and ``flops`` must be of the same size.
     """
     per_rank = cfg.train.global_batch_size // world_size
     par = cfg.parallelism
@@ -88,33 +91,35 @@ def plan_options(cfg, net, world_size: int, capacity: float, a: Assumptions, tra
             compute = per_rank * (train_flops + (recompute if ckpt else 0.0)) / rate
             comm = comm_per * (per_rank // mb if regathers else 1)
             step = compute + max(0.0, comm - a.overlap * compute)
-            memory = _memory(cfg, net, world_size, mb, ckpt)
+            memory = _memory(cfg, net, world_size, mb, ckpt, num_tokens)
             options.append(Option(mb, ckpt, memory, compute, comm, step, memory <= USABLE * capacity))
     return sorted(options, key=lambda o: (not o.fits, o.step_s, -o.microbatch, o.checkpointing))
 
 
-def largest_batch_without_checkpointing(cfg, net, world_size: int, capacity: float, limit: int = 4096) -> int:
+def largest_batch_without_checkpointing(cfg, net, world_size: int, capacity: float, limit: int = 4096,
+                                        num_tokens: int | None = None) -> int:
     """The largest per-rank batch (one micro-batch, no checkpointing) that fits, 0 if none."""
     best, b = 0, 1
-    while b <= limit and _memory(cfg, net, world_size, b, False) <= USABLE * capacity:
+    while b <= limit and _memory(cfg, net, world_size, b, False, num_tokens) <= USABLE * capacity:
         best, b = b, b * 2
     if best:  # refine between best and 2·best
         lo, hi = best, min(2 * best, limit + 1)
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if _memory(cfg, net, world_size, mid, False) <= USABLE * capacity else (lo, mid)
+            fits = _memory(cfg, net, world_size, mid, False, num_tokens) <= USABLE * capacity
+            lo, hi = (mid, hi) if fits else (lo, mid)
         best = lo
     return best
 
 
 def choice_report(cfg, net, world_size: int, capacity: float, a: Assumptions, train_flops: float,
-                  flops: Flops) -> list[str]:
-    """The ``dry-run --choose`` lines.
+                  flops: Flops, num_tokens: int | None = None) -> list[str]:
+    """The ``dry-run --choose`` lines (``num_tokens``: see :func:`plan_options`).
 
     Raises:
         ConfigError: When no option fits in the GPU memory (naming the smallest estimate).
     """
-    options = plan_options(cfg, net, world_size, capacity, a, train_flops, flops)
+    options = plan_options(cfg, net, world_size, capacity, a, train_flops, flops, num_tokens)
     per_rank = cfg.train.global_batch_size // world_size
     chosen = options[0]
     if not chosen.fits:
@@ -131,7 +136,7 @@ def choice_report(cfg, net, world_size: int, capacity: float, a: Assumptions, tr
     current = (cfg.train.device_microbatch_size or per_rank, cfg.parallelism.activation_checkpointing)
     if current != (chosen.microbatch, chosen.checkpointing):
         lines.append(f"  (the config has micro-batch {current[0]}, checkpointing {str(current[1]).lower()})")
-    biggest = largest_batch_without_checkpointing(cfg, net, world_size, capacity)
+    biggest = largest_batch_without_checkpointing(cfg, net, world_size, capacity, num_tokens=num_tokens)
     if biggest > per_rank:
         lines.append(f"  headroom    up to {biggest} images per rank fit without checkpointing (global "
                      f"{biggest * world_size} over {world_size} ranks, or this global batch over "

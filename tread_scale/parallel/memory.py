@@ -47,6 +47,11 @@ ACT_GRAD = 3
 GiB = 1024**3
 
 
+def _tokens(net: DiT | MMDiT, num_tokens: int | None) -> int:
+    """Image tokens per sample: ``num_tokens``, or the configured size's ``net.num_tokens`` when ``None``."""
+    return net.num_tokens if num_tokens is None else num_tokens
+
+
 @dataclass
 class Memory:
     """Estimated bytes per rank (device), and bytes per rank kept on the host (offload)."""
@@ -68,12 +73,14 @@ class Memory:
 
 
 def activation_bytes(net: DiT | MMDiT, routes, microbatch: int, compute_bytes: int, checkpointing: bool,
-                     include_recompute: bool = True) -> float:
+                     include_recompute: bool = True, num_tokens: int | None = None) -> float:
     """Peak bytes of activations saved for backward by one micro-batch (``compute_bytes``: 2 bf16, 4 fp32).
 
     With ``checkpointing``, ``include_recompute=False`` gives only what the forward pass saves.
+    ``num_tokens``: image tokens per sample (e.g. an aspect-ratio bucket's, ``net.tokens_for((h, w))``);
+    ``None`` for the configured size's ``net.num_tokens``.
     """
-    n, d, depth = net.num_tokens, net.hidden_size, net.depth
+    n, d, depth = _tokens(net, num_tokens), net.hidden_size, net.depth
     text = getattr(net, "text_len", 0)  # an MMDiT's text tokens go through every block (never routed)
     resolved = resolve_routes(routes, depth)
     tokens = [k + text for k in tokens_per_block(resolved, depth, n)]
@@ -91,29 +98,32 @@ def activation_bytes(net: DiT | MMDiT, routes, microbatch: int, compute_bytes: i
 
 
 def backward_transient_bytes(net: DiT | MMDiT, microbatch: int, checkpointing: bool = False,
-                             compute_bytes: int = 2) -> float:
+                             compute_bytes: int = 2, num_tokens: int | None = None) -> float:
     """Bytes alive in backward besides the saved activations and the persistent gradients.
 
     ``ACT_GRAD`` fp32 activation gradients per token and width at the widest block (routing does not narrow
     the dense blocks), one parameter's fresh gradient before it is accumulated (the largest), and under
     activation checkpointing one more block's activations: the recomputed block's intermediates and the
     gradients flowing through them are alive together (measured in ``tests/parallel/test_choose.py``; the
-    recomputed block itself is counted with the activations).
+    recomputed block itself is counted with the activations). ``num_tokens``: image tokens per sample, as in
+    :func:`activation_bytes`.
     """
-    tokens = net.num_tokens + getattr(net, "text_len", 0)
+    tokens = _tokens(net, num_tokens) + getattr(net, "text_len", 0)
     total = microbatch * ACT_GRAD * 4 * tokens * net.hidden_size
     total += 4 * max(p.numel() for p in net.parameters())
     if checkpointing:
-        total += (activation_bytes(net, [], microbatch, compute_bytes, True)
-                  - activation_bytes(net, [], microbatch, compute_bytes, True, include_recompute=False))
+        total += (activation_bytes(net, [], microbatch, compute_bytes, True, num_tokens=num_tokens)
+                  - activation_bytes(net, [], microbatch, compute_bytes, True, False, num_tokens))
     return total
 
 
-def estimate_memory(cfg: RunConfig, net: DiT | MMDiT, world_size: int, microbatch: int, gpu: bool) -> Memory:
+def estimate_memory(cfg: RunConfig, net: DiT | MMDiT, world_size: int, microbatch: int, gpu: bool,
+                    num_tokens: int | None = None) -> Memory:
     """Bytes per rank for ``cfg``'s backend (see the module docstring).
 
     ``cfg`` must be validated (``load_config``, ``config_from_dict``) or its parallelism section checked by
-    ``validate_parallelism``, so that the backend's section is resolved.
+    ``validate_parallelism``, so that the backend's section is resolved. ``num_tokens``: image tokens per
+    sample the activations are counted at (an aspect-ratio bucket's); ``None`` for ``net.num_tokens``.
     """
     p_count = sum(p.numel() for p in net.parameters() if p.requires_grad)
     precision = cfg.train.precision
@@ -121,7 +131,7 @@ def estimate_memory(cfg: RunConfig, net: DiT | MMDiT, world_size: int, microbatc
     compute = 2 if bf16 else 4
     par = cfg.parallelism
     mem = Memory()
-    act = activation_bytes(net, cfg.routes, microbatch, compute, par.activation_checkpointing)
+    act = activation_bytes(net, cfg.routes, microbatch, compute, par.activation_checkpointing, num_tokens=num_tokens)
     unit = max(sum(p.numel() for p in b.parameters()) for b in net.blocks)
     if par.backend == "ddp":
         mem.terms.update(params=4 * p_count, grads=4 * p_count, optimizer=8 * p_count, ema=4 * p_count,
@@ -158,7 +168,7 @@ def estimate_memory(cfg: RunConfig, net: DiT | MMDiT, world_size: int, microbatc
         if ds.offload_params:
             mem.host["params"] = mem.terms.pop("params")
     mem.terms["activations"] = act
-    mem.terms["backward"] = backward_transient_bytes(net, microbatch, par.activation_checkpointing, compute)
+    mem.terms["backward"] = backward_transient_bytes(net, microbatch, par.activation_checkpointing, compute, num_tokens)
     if par.backend == "deepspeed" and par.deepspeed.zero_stage == 3:
         mem.terms["backward"] += unit * (4 if par.grad_reduce_dtype == "fp32" else compute)  # a block's gradients
     mem.checkpoint_host, mem.export_host = save_host_memory(cfg, net, world_size, compute)

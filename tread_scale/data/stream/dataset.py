@@ -54,7 +54,7 @@ class LatentStreamingDataset(PatchedStreamingDataset):
             dropped, as a ``DataLoader(drop_last=True)`` drops it. Pair with :class:`BatchLoader`.
         buckets: A bucketed dataset's ``LatentMetadata.buckets`` (``latent_shape``, ``start``, ``count`` each):
             latents then have their bucket's shape, and every batch holds one bucket
-            (:mod:`tread_scale.data.stream.buckets`; needs ``batched``). ``latent_shape`` is then the
+            (:mod:`tread_scale.data.stream.buckets`). ``latent_shape`` is then the
             model's configured shape, not checked against the shards.
         **kwargs: Passed to ``StreamingDataset`` (remote, local, batch_size, shuffle, …).
 
