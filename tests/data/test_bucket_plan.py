@@ -110,3 +110,19 @@ def test_buckets_that_do_not_match_the_shards_are_refused(tmp_path):
     clean_stale_shared_memory()
     with pytest.raises(DatasetError, match="buckets of the metadata hold 15 samples but the shards hold 16"):
         LatentStreamingDataset(buckets=[buckets[0], {**buckets[1], "count": 7}], **common)
+
+
+def test_validation_and_first_sample_reads_take_the_base_bucket(tmp_path):
+    from tread_scale.data.metadata import META_FILE, LatentMetadata
+    from tread_scale.data.stream.direct import base_bucket, read_first_samples
+    from tread_scale.evaluation.val_loss import load_valset
+
+    root = tmp_path / "d"
+    buckets = write_bucketed_latents(root, [((4, 8, 12), 6), ((4, 8, 8), 5), ((4, 12, 8), 4)], shard_size="1kb")
+    (root / META_FILE).write_text(LatentMetadata(latent_shape=(4, 8, 8), num_classes=3, num_samples=15,
+                                                 buckets=buckets).to_json())
+    assert base_bucket(str(root)) == (6, 5)
+    ids = [int(s["id"]) for s in read_first_samples(str(root), 4, start=7)]
+    assert ids == [7, 8, 9, 10]  # across shard boundaries (1 kB shards hold a few samples each)
+    valset = load_valset(str(root), 16, latent_shape=(4, 8, 8))
+    assert valset.x.shape == (5, 4, 8, 8)

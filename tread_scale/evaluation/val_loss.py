@@ -121,15 +121,19 @@ def load_valset(remote: str, num_samples: int, split: str | None = None,
         latent_shape: The model's latent shape; a dataset of another shape is refused, naming it.
         text: Whether the model is text-conditioned (then the samples' caption embeddings are its condition).
 
+    A bucketed dataset validates on its base bucket (the square of the model's size), so every sample has one
+    shape.
+
     Raises:
         DatasetError: If the dataset cannot be read, its latents have another shape, it lacks the text
             columns a text model needs, or a latent is not finite.
     """
-    from tread_scale.data.stream.direct import read_first_samples
+    from tread_scale.data.stream.direct import base_bucket, read_first_samples
 
     where = f"{remote}/{split}" if split else remote
     cols = ("latent", "text_emb", "text_mask", "text_pooled") if text else ("latent", "label")
-    samples = read_first_samples(remote, num_samples, split, columns=cols,
+    first, count = base_bucket(remote)
+    samples = read_first_samples(remote, min(num_samples, count), split, columns=cols, start=first,
                                  hint=" (a text-conditioned model validates on captioned data)" if text else "")
     x = torch.from_numpy(np.stack([np.asarray(s["latent"], dtype=np.float32) for s in samples]))
     if latent_shape is not None and tuple(x.shape[1:]) != tuple(latent_shape):

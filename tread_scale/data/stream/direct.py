@@ -18,8 +18,8 @@ from tread_scale.errors import DatasetError
 
 
 def read_first_samples(remote: str, n: int, split: str | None = None,
-                       columns: Sequence[str] = (), hint: str = "") -> list[dict[str, Any]]:
-    """The first ``n`` samples of an MDS dataset (fewer if it is smaller), decoded.
+                       columns: Sequence[str] = (), hint: str = "", start: int = 0) -> list[dict[str, Any]]:
+    """The first ``n`` samples of an MDS dataset from sample ``start`` on (fewer if it is smaller), decoded.
 
     Args:
         remote: The dataset root (local folder or ``s3://`` prefix).
@@ -27,6 +27,7 @@ def read_first_samples(remote: str, n: int, split: str | None = None,
         split: The dataset's split folder, if any.
         columns: Columns every shard must have; a shard without one is refused, naming it.
         hint: Said after that refusal (what kind of dataset has the columns).
+        start: Samples to pass over first (e.g. to a bucket's first sample); their shards are not read.
 
     Returns:
         One dict per sample (column name → decoded value, numpy arrays for ndarray columns).
@@ -48,6 +49,9 @@ def read_first_samples(remote: str, n: int, split: str | None = None,
     for obj in json.loads(raw_index)["shards"]:
         if len(samples) >= n:
             break
+        if start >= int(obj["samples"]):
+            start -= int(obj["samples"])
+            continue
         reader = reader_from_json(str(root), None, obj)
         lacking = [c for c in columns if c not in reader.column_names]
         if lacking:
@@ -60,8 +64,32 @@ def read_first_samples(remote: str, n: int, split: str | None = None,
             raise DatasetError(f"{root}: shard {reader.raw_data.basename} is listed in index.json but missing")
         count = int(np.frombuffer(data, "<u4", count=1)[0])
         offsets = np.frombuffer(data, "<u4", count=count + 1, offset=4)
-        for i in range(min(count, n - len(samples))):
+        for i in range(start, min(count, start + n - len(samples))):
             samples.append(reader.decode_sample(data[int(offsets[i]):int(offsets[i + 1])]))
+        start = 0
     if not samples:
         raise DatasetError(f"{root}: the dataset holds no samples")
     return samples
+
+
+def base_bucket(root: str) -> tuple[int, int]:
+    """``(first sample, count)`` of a bucketed dataset's base bucket (the bucket of its ``latent_shape``); the
+    whole dataset when it has no buckets or no metadata.
+
+    Raises:
+        DatasetError: If the dataset has buckets but none of its base shape.
+    """
+    from tread_scale.data.metadata import META_FILE, LatentMetadata
+    from tread_scale.data.object_store import join_uri, read_bytes
+
+    where = join_uri(root, META_FILE)
+    raw = read_bytes(where)
+    if raw is None:
+        return 0, 1 << 62
+    meta = LatentMetadata.from_json(raw, where)
+    if not meta.buckets:
+        return 0, 1 << 62
+    for b in meta.buckets:
+        if list(b["latent_shape"]) == list(meta.latent_shape):
+            return int(b["start"]), int(b["count"])
+    raise DatasetError(f"{root}: no bucket of the dataset's base shape {tuple(meta.latent_shape)}")
