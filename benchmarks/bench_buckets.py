@@ -14,8 +14,6 @@ second; token_ratio the same in latent pixels per second).
 
 from __future__ import annotations
 
-import argparse
-import logging
 import statistics
 import sys
 import tempfile
@@ -23,7 +21,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_data import loader_args  # noqa: E402
 from tread_scale.data.stream.dataset import BatchLoader, LatentStreamingDataset  # noqa: E402
 from tread_scale.devtools.synthetic import write_bucketed_latents  # noqa: E402
 
@@ -42,14 +42,7 @@ def one_pass(loader) -> tuple[float, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=12000)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--passes", type=int, default=3)
-    p.add_argument("--dir", help="where to write the data (default: a temporary folder)")
-    args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    args = loader_args(__doc__, 12000)
     from streaming.base.util import clean_stale_shared_memory
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:

@@ -102,15 +102,21 @@ def passes(dl: DataLoader, count: int) -> tuple[list[float], list[float]]:
     return whole, steady
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=20000)
+def loader_args(doc: str, samples: int) -> argparse.Namespace:
+    """The options of the loader benchmarks (this one and ``bench_buckets.py``), parsed; logging at WARNING."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=samples)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--passes", type=int, default=3)
     p.add_argument("--dir", help="where to write the data (default: a temporary folder)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    return args
+
+
+def main() -> None:
+    args = loader_args(__doc__, 20000)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         t0 = time.perf_counter()
         mds, per_file = write_data(Path(tmp), args.samples)
