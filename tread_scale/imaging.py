@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 import os
 from pathlib import Path
 
@@ -35,6 +36,22 @@ def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.n
     for i in range(b):
         r, q = divmod(i, nrow)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = images[i]
+    return grid
+
+
+def mixed_size_grid(rows: Sequence[np.ndarray], pad: int = 2) -> np.ndarray:
+    """Tile rows of images of different sizes (one ``(n, H_i, W_i, 3)`` uint8 array a row, e.g. one a
+    bucket) into one image: every cell is as large as the largest image, each image centred in its cell."""
+    h = max(r.shape[1] for r in rows)
+    w = max(r.shape[2] for r in rows)
+    ncol = max(r.shape[0] for r in rows)
+    grid = np.zeros((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad, 3), dtype=np.uint8)
+    for i, row in enumerate(rows):
+        _, rh, rw, _ = row.shape
+        top = pad + i * (h + pad) + (h - rh) // 2
+        for j, image in enumerate(row):
+            left = pad + j * (w + pad) + (w - rw) // 2
+            grid[top:top + rh, left:left + rw] = image
     return grid
 
 

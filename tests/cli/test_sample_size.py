@@ -74,3 +74,21 @@ def test_the_cli_takes_size_and_names_bad_ones(weights, tmp_path, capsys):
     with pytest.raises(ConfigError, match="expected WIDTHxHEIGHT"):
         latent_size_of("wide", net, pixel_space=True)
     assert latent_size_of("256x128", net, pixel_space=False) == (16, 32)
+
+
+def test_several_sizes_give_a_folder_each_and_one_grid_with_a_row_per_size(weights, tmp_path, capsys):
+    from PIL import Image
+
+    _, path = weights
+    assert main(["sample", str(path), "--out", str(tmp_path / "m"), "--num", "3", "--steps", "2", "--device", "cpu",
+                 "--size", "16x8", "--size", "8x16", "--size", "8x8"]) == 0
+    for size, hw in (("16x8", (8, 16)), ("8x16", (16, 8)), ("8x8", (8, 8))):
+        with np.load(tmp_path / "m" / size / "samples.npz") as z:
+            assert z["images"].shape == (3, *hw, 3)
+    with Image.open(tmp_path / "m" / "grid.png") as grid:
+        cells_w, cells_h = 3 * (16 + 2) + 2, 3 * (16 + 2) + 2  # 3 columns, 3 rows of 16x16 cells, 2 px apart
+        assert grid.size[0] * cells_h == grid.size[1] * cells_w  # upscaled as a whole (save_png's minimum side)
+    capsys.readouterr()
+    assert main(["sample", str(path), "--out", str(tmp_path / "x"), "--sweep", "cfg=1", "--size", "8x8",
+                 "--size", "16x8"]) == 2
+    assert "--sweep samples one size; give at most one --size" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Issue 23 end to end: mixed-aspect images → buckets in S3 → TREAD training on 2 ranks (DDP and FSDP2), kill -9
-mid-epoch and resume, the sample ledger showing every sample once, and samples at two bucket sizes; elastic resume 2 -> 1 and 1 -> 2 ranks."""
+mid-epoch and resume, the sample ledger showing every sample once, samples at two bucket sizes; and elastic
+resume 2 -> 1 and 1 -> 2 ranks."""
 
 import random
 

@@ -43,3 +43,29 @@ def test_a_dit_trained_at_8x8_continues_at_16x16_with_its_own_positions(latent_d
     second = train(high)
     assert second.batches == 2 and second.ema_weights.is_file()
     assert load_weights(second.ema_weights)[0]["pos_embed"].shape == (1, 64, 64)
+
+
+def test_an_mmdit_continues_at_a_larger_grid_with_its_own_positions(tmp_path):
+    """Weights of an MMDiT configured for 8x8 latents start a 16x16 stage (sin-cos table recomputed, RoPE and SD3's
+    cropped table carried over); the stage's model computes what the 8x8 one computes at 16x16."""
+    from tread_scale.models.conditioning import TextCondition
+    from tread_scale.models.mmdit import MMDiT
+    from tread_scale.weights import save_weights
+
+    common = dict(patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, text_dim=16, pooled_dim=8,
+                  text_len=4, init="xavier_all")
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([0.2, 0.7])
+    y = TextCondition(torch.randn(2, 4, 16, generator=g), torch.ones(2, 4, dtype=torch.bool), torch.randn(2, 8))
+    for pos, extra in (("sincos", {}), ("rope", {}), ("sd3", {"pos_embed_max_size": 16})):
+        torch.manual_seed(0)
+        low = MMDiT(input_size=8, pos_embed=pos, **extra, **common).eval()
+        for p in low.parameters():
+            p.data.add_(torch.randn_like(p) * 0.05)
+        path = save_weights(tmp_path / f"{pos}.safetensors", low.state_dict(), {"source": "test"})
+        high = MMDiT(input_size=16, pos_embed=pos, **extra, **common).eval()
+        load_initial_weights(high, str(path))
+        if pos == "sincos":
+            assert torch.equal(high.pos_embed[0], sincos_2d(32, 8, 8))
+        with torch.no_grad():
+            assert torch.allclose(high(x, t, y), low(x, t, y), atol=1e-6), pos

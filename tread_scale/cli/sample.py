@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import re
+from pathlib import Path
 
 from tread_scale.cli.common import add_encoder_args, add_guidance_args, guidance_from_args, parse_guidance_spec
 
@@ -39,9 +40,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="sample i uses seed + i (--geneval: image k of prompt p uses seed + p * per_prompt + k)")
     p.add_argument("--labels", help="comma-separated labels (default: cycle through the classes); DiT weights")
-    p.add_argument("--size", metavar="WxH",
+    p.add_argument("--size", metavar="WxH", action="append",
                    help="image size in pixels to sample at, e.g. one of the training data's aspect-ratio buckets "
-                        "(default: the weights' configured square)")
+                        "(default: the weights' configured square); repeatable: OUT/<WxH>/ per size, the same seeds, "
+                        "and OUT/grid.png with a row per size")
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="a prompt (repeatable; sample i uses prompt i mod n); text-to-image (MMDiT) weights")
     p.add_argument("--prompts", metavar="FILE", help="a text file of prompts, one a line (after any --prompt)")
@@ -81,15 +83,45 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--labels {args.labels!r}: expected comma-separated class numbers, e.g. 0,3,7") from None
     prompts = list(args.prompt or []) + (read_prompt_file(args.prompts) if args.prompts else [])
     if args.sweep:
+        if args.size and len(args.size) > 1:
+            raise ConfigError("--sweep samples one size; give at most one --size")
         return _run_sweep(args, labels, prompts or None)
+    if args.size and len(args.size) > 1:
+        return _run_sizes(args, labels, prompts or None)
     with launched_process_group():
         out = sample_to_folder(args.weights, args.out, num=args.num, seed=args.seed, labels=labels,
                                prompts=prompts or None, t5=args.t5, clip=args.clip, clip_l=args.clip_l,
                                clip_g=args.clip_g, steps=args.steps,
                                guidance=guidance_from_args(args), vae=args.vae, batch_size=args.batch_size,
-                               device=args.device, grid_max=args.grid_max, size=args.size)
+                               device=args.device, grid_max=args.grid_max, size=(args.size or [None])[0])
     if out:
         log.info("wrote %s", ", ".join(str(v) for v in out.values()))
+    return 0
+
+
+def _run_sizes(args: argparse.Namespace, labels: list[int] | None, prompts: list[str] | None) -> int:
+    """``--size`` given more than once: the same seeds and prompts/labels at each size into ``OUT/<WxH>/``, and
+    ``OUT/grid.png`` with one row per size (the first ``--grid-max`` of each, at most 8)."""
+    import numpy as np
+
+    from tread_scale.imaging import mixed_size_grid, save_png
+    from tread_scale.parallel.process_group import launched_process_group
+    from tread_scale.sampling import sample_to_folder
+
+    out, rows = Path(args.out), []
+    with launched_process_group():
+        for size in args.size:
+            written = sample_to_folder(args.weights, str(out / size), num=args.num, seed=args.seed, labels=labels,
+                                       prompts=prompts, t5=args.t5, clip=args.clip, clip_l=args.clip_l,
+                                       clip_g=args.clip_g, steps=args.steps, guidance=guidance_from_args(args),
+                                       vae=args.vae, batch_size=args.batch_size, device=args.device,
+                                       grid_max=args.grid_max, size=size)
+            if written:  # rank 0
+                with np.load(written["npz"]) as z:
+                    rows.append(z["images"][:min(args.grid_max, 8)])
+    if rows:
+        grid = save_png(out / "grid.png", mixed_size_grid(rows))
+        log.info("wrote %s (a row per size: %s) and a folder per size", grid, ", ".join(args.size))
     return 0
 
 
@@ -103,7 +135,6 @@ def _run_sweep(args: argparse.Namespace, labels: list[int] | None, prompts: list
     """``sample --sweep``: the same samples under each guidance setting, a folder each, and ``sweep.jsonl`` with
     the sampling FLOPs per image of each (rank 0 writes). Every spec is checked before anything is sampled."""
     import dataclasses
-    from pathlib import Path
 
     from tread_scale.errors import ConfigError
     from tread_scale.parallel.process_group import launched_process_group
@@ -125,7 +156,7 @@ def _run_sweep(args: argparse.Namespace, labels: list[int] | None, prompts: list
                                        prompts=prompts, t5=args.t5, clip=args.clip, clip_l=args.clip_l,
                                        clip_g=args.clip_g, steps=args.steps, guidance=guidance, vae=args.vae,
                                        batch_size=args.batch_size, device=args.device, grid_max=args.grid_max,
-                                       count_flops=True, size=args.size)
+                                       count_flops=True, size=(args.size or [None])[0])
             if not written:  # ranks other than 0 write nothing
                 continue
             flops = written["sampling_flops_per_image"]
