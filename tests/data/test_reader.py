@@ -107,3 +107,17 @@ def test_non_finite_latents_are_named_by_sample_and_shard_in_both_reads(tmp_path
     with pytest.raises(DatasetError, match=r"sample 2 in shard shard.00000.mds has NaN or Inf latents"):
         ds.get_batch([0, 1, 2, 3])
     assert ds.get_batch([3, 0])["id"] == [3, 0]
+
+
+def test_the_default_cache_of_a_dataset_converted_again_in_place_is_a_fresh_one(tmp_path):
+    """streaming trusts a cached index.json: tools outside training (fid --ref-data) must not read an earlier
+    conversion's shards after the dataset was converted again at the same address."""
+    from tread_scale.data.stream.location import default_cache
+
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "index.json").write_text('{"version": 2, "shards": []}')
+    first = default_cache(str(root))
+    assert default_cache(str(root)) == first  # reruns reuse it
+    (root / "index.json").write_text('{"version": 2, "shards": [{"samples": 1}]}')
+    assert default_cache(str(root)) != first

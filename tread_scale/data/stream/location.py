@@ -66,8 +66,11 @@ def stream_location(source: str, cache: str | None, split: str | None = None) ->
 def default_cache(source: str) -> str:
     """A cache folder for ``source`` on this node when none is configured (tools outside training).
 
-    Under the node's temp dir, keyed by the source and the node rank, so ranks of one node agree on it and
-    reruns reuse it (like any streaming ``local``: re-converting a dataset in place needs a fresh cache).
+    Under the node's temp dir, keyed by the source, the content of its ``index.json`` and the node rank: ranks
+    of one node agree on it, reruns reuse it, and a dataset converted again in place (another ``index.json``)
+    gets a fresh folder instead of the old conversion's cached index and shards (streaming trusts a cached
+    ``index.json``).
     """
-    key = hashlib.blake2s(source.encode(), digest_size=8).hexdigest()
+    index = s3.read_bytes(s3.join_uri(source, "index.json")) or b""
+    key = hashlib.blake2s(source.encode() + b"\0" + index, digest_size=8).hexdigest()
     return str(Path(tempfile.gettempdir(), "tread_scale-cache", key, f"node{os.environ.get('NODE_RANK', '0')}"))
