@@ -172,7 +172,8 @@ def _text_demo(overrides: list[str]) -> list[str]:
         f"  sample grid (final)   {final['grid']}  (CFG {cfg_scale:g}; a row per prompt, prompts in "
         f"{final['captions'].name})",
         f"  samples (.npz)        {final['npz']}",
-        f"  sample grid ({wide_size})  {wide['grid']}  (a landscape bucket's size: sample --size {wide_size})",
+        f"  sample grid ({wide_size})".ljust(24) + f"{wide['grid']}  (a landscape bucket's size: sample --size "
+        f"{wide_size})",
         f"  prompt FID-{scores['num_samples']}          {scores['fid']:.4g}  and CLIP score {scores['clip_score']:.4g} "
         f"(the dataset's first {scores['num_samples']} captions vs {DEMO_EVAL_REF} of its real images; {models}; "
         f"{eval_seconds:.0f} s; {scores['out']})",
