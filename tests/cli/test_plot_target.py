@@ -179,10 +179,12 @@ def test_metrics_log_counts_every_batch_and_continues_across_a_resume(tmp_path, 
     now = [100.0]
     monkeypatch.setattr(metrics_log.time, "time", lambda: now[0])
     per_sample = {b: 10.0 if b <= 2 else 5.0 for b in range(1, 9)}
-    model = SimpleNamespace(train_flops_per_sample=lambda: 0.0)
+    model = SimpleNamespace(train_flops_per_sample=lambda latent_hw=None: 0.0)
     state = SimpleNamespace(model=model, device=SimpleNamespace(name="cpu"),
                             timestamp=SimpleNamespace(batch=0, sample=0),
-                            total_loss_dict={"loss/train/total": torch.tensor(0.5)})
+                            total_loss_dict={"loss/train/total": torch.tensor(0.5)},
+                            batch={"latent": torch.zeros(8, 4, 8, 12)})  # a bucket's batch: FLOPs at its size
+    sizes = []
     logger = SimpleNamespace(log_metrics=lambda m: None)
     path = tmp_path / "metrics.jsonl"
 
@@ -190,7 +192,7 @@ def test_metrics_log_counts_every_batch_and_continues_across_a_resume(tmp_path, 
         for b in range(first, last + 1):
             cb.before_dataloader(state, logger)
             now[0] += 1.0  # one second of training
-            model.train_flops_per_sample = lambda f=per_sample[b]: f  # the routes of this batch
+            model.train_flops_per_sample = lambda hw, f=per_sample[b]: sizes.append(hw) or f  # this batch's routes
             state.timestamp = SimpleNamespace(batch=b, sample=8 * b)
             cb.batch_end(state, logger)
             now[0] += 10.0  # evaluation and checkpoints: not training time
@@ -207,6 +209,7 @@ def test_metrics_log_counts_every_batch_and_continues_across_a_resume(tmp_path, 
     assert [(r["step"], r["train_flops"], r["train_wall_s"]) for r in records] == [
         (2, 160.0, 2.0), (4, 240.0, 4.0), (6, 320.0, 6.0)]
     assert records[2]["wall_s"] == 12.0  # wall_s restarts at the resume and counts evaluation
+    assert set(sizes) == {(8, 12)}
 
     old = MetricsLog(tmp_path / "old.jsonl", interval=2)
     old.load_state_dict({})  # a checkpoint written before the counters were saved

@@ -288,8 +288,9 @@ class CaptionFolderSource(Source):
                "batch_size": self.batch_size, "max_length": self.max_length, "encoder_dtype": self.encoder_dtype,
                "max_caption_bytes": self.max_caption_bytes, "encoders": _encoder_describe(encoder_folders(self)),
                "files": len(entries), "stamp": files_stamp(sorted(stamped))}
-        if self.buckets is not None:
+        if self.buckets is not None:  # the buckets decide the sizes: resolution is not used
             out["buckets"] = self.buckets
+            del out["resolution"]
         return out
 
     def plan(self) -> Plan:

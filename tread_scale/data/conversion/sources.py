@@ -346,6 +346,21 @@ def image_size(path: Path) -> tuple[int, int]:
         return im.size
 
 
+def image_sizes(paths: Sequence[Path], threads: int = 16) -> list[tuple[int, int] | Exception]:
+    """``(width, height)`` of each image in order, or the error that reading its header raised; headers are read
+    by ``threads`` threads (on a network file system the reads wait, not compute)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(path: Path) -> tuple[int, int] | Exception:
+        try:
+            return image_size(path)
+        except (OSError, ValueError) as e:
+            return e
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(paths)))) as pool:
+        return list(pool.map(read, paths))
+
+
 def plan_buckets(paths: Sequence[Path], spec: str, vae: str) -> BucketLayout:
     """Assign each image to its aspect-ratio bucket and order the items bucket by bucket.
 
@@ -367,12 +382,11 @@ def plan_buckets(paths: Sequence[Path], spec: str, vae: str) -> BucketLayout:
     parsed = parse_buckets(spec, multiple=f)
     index = {b: k for k, b in enumerate(parsed.buckets)}
     placed: list[list[tuple[int, tuple[int, int], tuple[int, int, int, int]]]] = [[] for _ in parsed.buckets]
-    for j, path in enumerate(paths):
-        try:
-            w, h = image_size(path)
-        except (OSError, ValueError) as e:
-            log.warning("skipping %s: cannot be read as an image (%s)", path, e)
+    for j, (path, size) in enumerate(zip(paths, image_sizes(paths))):
+        if isinstance(size, Exception):
+            log.warning("skipping %s: cannot be read as an image (%s)", path, size)
             continue
+        w, h = size
         bucket = assign(w, h, parsed.buckets)
         placed[index[bucket]].append((j, (h, w), tuple(fit(w, h, bucket).crop_box)))
     if not any(placed):
@@ -502,8 +516,9 @@ class ImageFolderSource(Source):
         out = {"kind": self.kind, "folder": str(Path(self.folder).resolve()), "resolution": self.resolution,
                "vae": self.vae if self.vae == "none" else str(Path(self.vae).resolve()), "seed": self.seed,
                "files": len(files), "stamp": files_stamp(files)}
-        if self.buckets is not None:
+        if self.buckets is not None:  # the buckets decide the sizes: resolution is not used
             out["buckets"] = self.buckets
+            del out["resolution"]
         return out
 
     def _files(self) -> list[Path]:

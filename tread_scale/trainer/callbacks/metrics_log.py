@@ -102,7 +102,8 @@ class MetricsLog(Callback):
         step = int(state.timestamp.batch)
         samples = int(state.timestamp.sample)
         if self._model is not None:  # the routes in use for this batch (a schedule changes them)
-            latent = (state.batch or {}).get("latent") if isinstance(state.batch, dict) else None
+            batch = getattr(state, "batch", None)
+            latent = batch.get("latent") if isinstance(batch, dict) else None
             hw = None if latent is None else tuple(latent.shape[-2:])  # every rank's batch is of one bucket
             batch_flops = (samples - self._samples) * float(self._model.train_flops_per_sample(hw))
             self._flops += batch_flops
