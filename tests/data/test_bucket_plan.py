@@ -126,3 +126,26 @@ def test_validation_and_first_sample_reads_take_the_base_bucket(tmp_path):
     assert ids == [7, 8, 9, 10]  # across shard boundaries (1 kB shards hold a few samples each)
     valset = load_valset(str(root), 16, latent_shape=(4, 8, 8))
     assert valset.x.shape == (5, 4, 8, 8)
+
+
+def test_training_refuses_buckets_the_model_cannot_run(tmp_path):
+    from tests.conftest import tiny_run_cfg
+    from tread_scale.config import config_from_dict
+    from tread_scale.data.metadata import LatentMetadata
+    from tread_scale.errors import DatasetMismatchError
+    from tread_scale.trainer.data import check_buckets_against_model
+
+    def meta(*hws):
+        return LatentMetadata(latent_shape=(4, 8, 8), num_classes=3, num_samples=len(hws),
+                              buckets=[{"latent_shape": [4, h, w], "start": i, "count": 1} for i, (h, w) in enumerate(hws)])
+
+    dit = config_from_dict(tiny_run_cfg(str(tmp_path), tmp_path))  # patch 2, sin-cos positions: any even grid
+    check_buckets_against_model(dit, meta((8, 8), (8, 12), (4, 16)))
+    with pytest.raises(DatasetMismatchError, match=r"bucket 8x13 \(latent\): patch_size 2 does not divide"):
+        check_buckets_against_model(dit, meta((8, 8), (8, 13)))
+    mmdit = tiny_run_cfg(str(tmp_path), tmp_path)
+    mmdit["model"] = {**mmdit["model"], "family": "mmdit", "text_dim": 16, "pooled_dim": 8, "text_len": 4,
+                      "num_classes": 0, "pos_embed": "learned"}
+    with pytest.raises(DatasetMismatchError, match=r"bucket 8x12 \(latent\): pos_embed='learned' has a position "
+                                                   r"table for the configured patch grid 4x4"):
+        check_buckets_against_model(config_from_dict(mmdit), meta((8, 8), (8, 12)))

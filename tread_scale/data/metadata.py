@@ -169,6 +169,19 @@ def bucket_ranges(meta: LatentMetadata) -> list[tuple[int, int, tuple[int, int, 
     return out
 
 
+def base_range(meta: LatentMetadata, where: str, hint: str = "") -> tuple[int, int]:
+    """``(start, stop)`` of the samples of the dataset's own ``latent_shape``: all of a square dataset, the base
+    bucket of a bucketed one (the square of the model's size: what FID and validation compare with).
+
+    Raises:
+        DatasetError: Naming ``where``, if no bucket has the base shape (``hint`` is said after).
+    """
+    for start, stop, shape in bucket_ranges(meta):
+        if shape == tuple(meta.latent_shape):
+            return start, stop
+    raise DatasetError(f"{where}: no bucket of the dataset's base shape {tuple(meta.latent_shape)}{hint}")
+
+
 def bucket_of_ids(meta: LatentMetadata) -> np.ndarray:
     """The bucket index (into ``meta.buckets``) of every sample, in sample order: ``(num_samples,)`` int32.
 

@@ -94,7 +94,7 @@ def dataset_images(root: str, cache: str | None, decode: Callable[[torch.Tensor]
 
     from tread_scale.data.stream.dataset import LatentStreamingDataset
     from tread_scale.data.stream.location import default_cache, stream_location
-    from tread_scale.data.metadata import read_metadata
+    from tread_scale.data.metadata import base_range, read_metadata
     from tread_scale.imaging import to_uint8
 
     meta = read_metadata(root)
@@ -104,13 +104,10 @@ def dataset_images(root: str, cache: str | None, decode: Callable[[torch.Tensor]
     kwargs = stream_location(root, cache or default_cache(root))
     ds = LatentStreamingDataset(latent_shape=meta.latent_shape, num_classes=meta.num_classes, shuffle=False,
                                 batch_size=1, buckets=meta.buckets, **kwargs)
-    first, count = 0, len(ds)
-    if meta.buckets:  # the images of the model's own (square) size: the bucket of the configured latent shape
-        square = [b for b in meta.buckets if list(b["latent_shape"]) == list(meta.latent_shape)]
-        if not square:
-            raise DatasetError(f"{root}: no bucket of the dataset's base shape {tuple(meta.latent_shape)} to take "
-                               "reference images from; give --ref-images or --ref")
-        first, count = int(square[0]["start"]), int(square[0]["count"])
+    # the images of the model's own (square) size: all of them, or a bucketed dataset's base bucket
+    first, stop = base_range(meta, root, " to take reference images from; give --ref-images or --ref")
+    count = stop - first
+    if meta.buckets:
         log.info("%s is bucketed: the reference is its %d samples of the base bucket %s", root, count,
                  "x".join(map(str, meta.latent_shape[1:])))
     rank, world_size = world()

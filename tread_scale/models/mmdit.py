@@ -380,12 +380,25 @@ class MMDiT(PatchTokenNet):
         if self.pos_embed_type == "sd3":
             return self.cropped_pos_embed(grid)
         if self.pos_embed_type == "learned":
-            if grid != self.grid:
-                (gh, gw), (ch, cw), p = grid, self.grid, self.patch_size
-                raise ValueError(f"pos_embed='learned' has a position table for the configured patch grid {ch}x{cw} "
-                                 f"(latent {ch * p}x{cw * p}) only; got the grid {gh}x{gw} (latent {gh * p}x{gw * p})")
+            problem = self.position_problem(grid)
+            if problem:
+                raise ValueError(problem)
             return self.pos_embed
         return self.sincos_positions(grid)
+
+    def position_problem(self, grid: tuple[int, int]) -> str | None:
+        """``learned`` positions exist for the configured grid only, SD3's table (``sd3``) covers grids up to
+        ``pos_embed_max_size`` per side; sin-cos and RoPE positions cover any grid."""
+        (gh, gw), p = grid, self.patch_size
+        if self.pos_embed_type == "learned" and tuple(grid) != self.grid:
+            ch, cw = self.grid
+            return (f"pos_embed='learned' has a position table for the configured patch grid {ch}x{cw} "
+                    f"(latent {ch * p}x{cw * p}) only; got the grid {gh}x{gw} (latent {gh * p}x{gw * p})")
+        m = self.pos_embed_max_size
+        if self.pos_embed_type == "sd3" and (gh > m or gw > m):
+            return (f"pos_embed='sd3' crops a table of pos_embed_max_size={m} patches per side; the latent's "
+                    f"patch grid {gh}x{gw} is larger")
+        return None
 
     def cropped_pos_embed(self, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """``(1, N, D)``: the centre ``grid`` (default: the configured grid) of SD3's ``pos_embed_max_size``²
@@ -395,9 +408,9 @@ class MMDiT(PatchTokenNet):
             ValueError: If ``grid`` does not fit in the table.
         """
         m, (gh, gw) = self.pos_embed_max_size, (self.grid if grid is None else grid)
-        if gh > m or gw > m:
-            raise ValueError(f"pos_embed='sd3' crops a table of pos_embed_max_size={m} patches per side; the latent's "
-                             f"patch grid {gh}x{gw} is larger")
+        problem = self.position_problem((gh, gw))
+        if problem:
+            raise ValueError(problem)
         top, left = (m - gh) // 2, (m - gw) // 2
         table = self.pos_embed.reshape(1, m, m, -1)[:, top:top + gh, left:left + gw, :]
         return table.reshape(1, gh * gw, -1)

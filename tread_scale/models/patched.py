@@ -149,6 +149,24 @@ class PatchTokenNet(nn.Module):
         """
         return patch_grid((h, w), self.patch_size)
 
+    def check_latent_size(self, h: int, w: int) -> tuple[int, int]:
+        """Patch grid of an ``h × w`` latent that this network can run (an aspect-ratio bucket, a sampling size).
+
+        Raises:
+            ValueError: If the patch does not divide ``h`` and ``w``, or (see :meth:`position_problem`) the
+                network's positions cannot cover the grid.
+        """
+        grid = self.grid_of(h, w)
+        problem = self.position_problem(grid)
+        if problem:
+            raise ValueError(problem)
+        return grid
+
+    def position_problem(self, grid: tuple[int, int]) -> str | None:
+        """Why this network's positions cannot cover patch grid ``grid`` (``None``: they can). Positions
+        computed for any grid, as the DiT's, always can; a subclass with a table of fixed size says otherwise."""
+        return None
+
     def tokens_for(self, latent_hw: int | tuple[int, int] | None = None) -> int:
         """Image (= routable) tokens per sample of a latent of ``latent_hw`` (``None``: the configured size).
 

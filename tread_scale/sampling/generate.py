@@ -174,11 +174,8 @@ def latent_size_of(size: str, net: nn.Module, pixel_space: bool) -> tuple[int, i
         raise ConfigError(f"--size {size}: width and height must be multiples of {unit} (patch {net.patch_size}"
                           + ("" if pixel_space else " x the VAE's 8") + ")")
     hw = (height // down, width // down)
-    if hw != tuple(net.input_size) and getattr(net, "pos_embed_type", None) == "learned":
-        raise ConfigError(f"--size {size}: these weights have learned positions for {net.input_size[1] * down}x"
-                          f"{net.input_size[0] * down} only")
-    max_side = getattr(net, "pos_embed_max_size", None)
-    if max_side and max(hw) // net.patch_size > max_side:
-        raise ConfigError(f"--size {size}: its grid exceeds the weights' position table "
-                          f"({max_side}x{max_side} patches)")
+    try:
+        net.check_latent_size(*hw)
+    except ValueError as e:
+        raise ConfigError(f"--size {size}: {e}") from None
     return hw

@@ -34,32 +34,26 @@ def prepare_data_access(cfg: RunConfig) -> LatentMetadata:
 
 
 def check_buckets_against_model(cfg: RunConfig, meta: LatentMetadata) -> None:
-    """Every bucket of a bucketed dataset must be a grid the model can run: sides divisible by the patch, and
-    within the position table of a model that has one of fixed size.
+    """Every bucket of a bucketed dataset must be a grid the model can run
+    (:meth:`~tread_scale.models.patched.PatchTokenNet.check_latent_size`: sides divisible by the patch, within a
+    position table of fixed size). The model is built on the meta device to ask it.
 
     Raises:
-        DatasetMismatchError: Naming the dataset, the bucket and the model setting it breaks.
+        DatasetMismatchError: Naming the dataset, the bucket and what the model cannot do.
     """
     from tread_scale.errors import DatasetMismatchError
+    from tread_scale.factory import build_net
 
-    buckets = getattr(meta, "buckets", None) or []
-    if not buckets:
+    if not meta.buckets:
         return
-    patch = cfg.model.size()[1]
-    grid = cfg.model.input_size // patch
-    pos = getattr(cfg.model, "pos_embed", None)
-    for b in buckets:
+    with torch.device("meta"):
+        net = build_net(cfg.model)
+    for b in meta.buckets:
         _, h, w = (int(x) for x in b["latent_shape"])
-        where = f"{cfg.data.remote}: bucket {h}x{w} (latent)"
-        if h % patch or w % patch:
-            raise DatasetMismatchError(f"{where} is not divisible by the model's patch size {patch}")
-        if pos == "learned" and (h // patch, w // patch) != (grid, grid):
-            raise DatasetMismatchError(f"{where}: model.pos_embed=learned has positions for the {grid}x{grid} grid "
-                                       "only; use rope, sincos or sd3 for bucketed data")
-        max_size = getattr(cfg.model, "pos_embed_max_size", None)
-        if pos == "sd3" and max_size and max(h, w) // patch > max_size:
-            raise DatasetMismatchError(f"{where}: its grid {h // patch}x{w // patch} exceeds "
-                                       f"model.pos_embed_max_size={max_size}")
+        try:
+            net.check_latent_size(h, w)
+        except ValueError as e:
+            raise DatasetMismatchError(f"{cfg.data.remote}: bucket {h}x{w} (latent): {e}") from None
 
 
 def adopt_text_widths(cfg: RunConfig, meta: LatentMetadata) -> None:

@@ -45,6 +45,7 @@ class DiffusionModel(ComposerModel):
         self.objective = objective
         self.seed = int(seed)
         self.step = 0
+        self._flops_cache: dict[tuple, float] = {}  # train_flops_per_sample by (routes, latent size)
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         x = batch["latent"].float()
@@ -69,10 +70,9 @@ class DiffusionModel(ComposerModel):
         routes = router.active_routes() if router is not None and router.enabled else []
         hw = None if latent_hw is None else (int(latent_hw[0]), int(latent_hw[1]))
         key = (tuple((r.rate, r.start, r.end) for r in routes), hw)
-        cache = self.__dict__.setdefault("_flops_cache", {})
-        if key not in cache:
-            cache[key] = model_flops(self.net, routes, latent_hw=hw).train_routed
-        return cache[key]
+        if key not in self._flops_cache:
+            self._flops_cache[key] = model_flops(self.net, routes, latent_hw=hw).train_routed
+        return self._flops_cache[key]
 
     def flops_per_batch(self, batch: dict[str, Any]) -> float:
         """Training FLOPs of ``batch`` on this rank (the attribute Composer's ``SpeedMonitor`` reads)."""

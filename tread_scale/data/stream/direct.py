@@ -73,23 +73,18 @@ def read_first_samples(remote: str, n: int, split: str | None = None,
 
 
 def base_bucket(root: str) -> tuple[int, int]:
-    """``(first sample, count)`` of a bucketed dataset's base bucket (the bucket of its ``latent_shape``); the
-    whole dataset when it has no buckets or no metadata.
+    """``(first sample, count)`` of the samples of the dataset's base shape
+    (:func:`~tread_scale.data.metadata.base_range`); the whole dataset when it has no metadata.
 
     Raises:
         DatasetError: If the dataset has buckets but none of its base shape.
     """
-    from tread_scale.data.metadata import META_FILE, LatentMetadata
+    from tread_scale.data.metadata import META_FILE, LatentMetadata, base_range
     from tread_scale.data.object_store import join_uri, read_bytes
 
     where = join_uri(root, META_FILE)
     raw = read_bytes(where)
     if raw is None:
         return 0, 1 << 62
-    meta = LatentMetadata.from_json(raw, where)
-    if not meta.buckets:
-        return 0, 1 << 62
-    for b in meta.buckets:
-        if list(b["latent_shape"]) == list(meta.latent_shape):
-            return int(b["start"]), int(b["count"])
-    raise DatasetError(f"{root}: no bucket of the dataset's base shape {tuple(meta.latent_shape)}")
+    start, stop = base_range(LatentMetadata.from_json(raw, where), root)
+    return start, stop - start
